@@ -1,0 +1,76 @@
+"""Loading and validating the workflow's registries (datasets, models).
+
+The schemas in ``config/schemas/`` are the single description of every key; validation also
+fills in their defaults, so the rest of the code never guesses a missing value.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "config" / "schemas"
+
+
+def _validate(obj: dict, schema_name: str, where: str, schema_dir: Path) -> dict:
+    # snakemake's validator is the one the Snakefile uses for config.yaml, so registries and
+    # config follow the same rules, including default filling.
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    checked = copy.deepcopy(obj)
+    try:
+        validate(checked, str(schema_dir / schema_name), set_default=True)
+    except WorkflowError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return checked
+
+
+def load_registry(path: str | Path, schema_name: str, schema_dir: Path = SCHEMA_DIR) -> dict[str, dict[str, Any]]:
+    """Read a YAML registry (name -> entry) and validate each entry against ``schema_name``."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read registry: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of names to entries, got {type(data).__name__}")
+    return {
+        str(name): _validate(entry or {}, schema_name, f"{path}: entry {name!r}", schema_dir)
+        for name, entry in data.items()
+    }
+
+
+def load_datasets(path: str | Path) -> dict[str, dict[str, Any]]:
+    registry = load_registry(path, "datasets.schema.yaml")
+    for name, entry in registry.items():
+        if entry["eval_split"] not in entry["splits"]:
+            raise ConfigError(
+                f"{path}: entry {name!r}: eval_split {entry['eval_split']!r} is not one of its splits {entry['splits']}"
+            )
+        if entry["format"] == "coco_cn_data":
+            missing = [s for s in entry["splits"] if s not in entry["split_files"]]
+            if missing:
+                raise ConfigError(f"{path}: entry {name!r}: format coco_cn_data needs split_files for {missing}")
+    return registry
+
+
+def load_models(path: str | Path) -> dict[str, dict[str, Any]]:
+    return load_registry(path, "models.schema.yaml")
+
+
+def require(registry: dict[str, dict], name: str, kind: str) -> dict:
+    """The entry ``name`` of a registry, or a ConfigError listing the known names."""
+    try:
+        return registry[name]
+    except KeyError:
+        known = ", ".join(sorted(registry)) or "none"
+        raise ConfigError(f"unknown {kind} {name!r}; known: {known}") from None

@@ -1,0 +1,84 @@
+"""The raw dataset layout shared by Chinese-CLIP and PaddleNLP.
+
+A split is two files:
+
+* ``{split}_imgs.tsv``: one ``image_id<TAB>base64(image bytes)`` line per image;
+* ``{split}_texts.jsonl``: one ``{"text_id": int, "text": str, "image_ids": [int, ...]}`` line per text.
+
+Reading here is lexical only: it yields fields with their line numbers and leaves judging them
+to :mod:`vlretrieval.data.validation`, so every problem is reported with its file and line.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+SPLITS = ("train", "valid", "test")
+
+
+def images_tsv_path(root: str | os.PathLike, split: str) -> Path:
+    return Path(root) / f"{split}_imgs.tsv"
+
+
+def texts_jsonl_path(root: str | os.PathLike, split: str) -> Path:
+    return Path(root) / f"{split}_texts.jsonl"
+
+
+@dataclass(frozen=True)
+class RawImageLine:
+    """One line of an images tsv, not yet validated."""
+
+    path: str
+    line_no: int
+    image_id: str
+    payload: str  # base64 text as found in the file
+
+
+@dataclass(frozen=True)
+class RawTextLine:
+    """One line of a texts jsonl, parsed as JSON when possible, not yet validated."""
+
+    path: str
+    line_no: int
+    raw: str
+    obj: object = field(default=None)
+    json_error: str | None = None
+
+
+def iter_image_lines(path: str | os.PathLike) -> Iterator[RawImageLine]:
+    """Yield every non-empty line of an images tsv; a line without a tab keeps an empty payload."""
+    path = str(path)
+    with open(path, "r", encoding="utf-8", newline="") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            image_id, sep, payload = line.partition("\t")
+            yield RawImageLine(path, line_no, image_id.strip(), payload.strip() if sep else "")
+
+
+def iter_text_lines(path: str | os.PathLike) -> Iterator[RawTextLine]:
+    """Yield every non-empty line of a texts jsonl with its parsed JSON (or the parse error)."""
+    path = str(path)
+    with open(path, "r", encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield RawTextLine(path, line_no, line, json.loads(line))
+            except json.JSONDecodeError as exc:
+                yield RawTextLine(path, line_no, line, None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+def write_image_line(handle: IO[str], image_id: int, image_bytes: bytes) -> None:
+    handle.write(f"{int(image_id)}\t{base64.b64encode(image_bytes).decode('ascii')}\n")
+
+
+def write_text_line(handle: IO[str], text_id: int, text: str, image_ids: Iterable[int]) -> None:
+    record = {"text_id": int(text_id), "text": text, "image_ids": [int(i) for i in image_ids]}
+    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
