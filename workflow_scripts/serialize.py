@@ -1,0 +1,24 @@
+"""Validate one raw split and serialize it to a memory-mappable LMDB directory."""
+
+import argparse
+from pathlib import Path
+
+from vlretrieval.cli import json_arg, run
+from vlretrieval.data.lmdb_store import serialize_split
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--entry", type=json_arg, required=True, help="the dataset's registry entry (JSON)")
+    parser.add_argument("--source", type=Path, required=True, help="the dataset's download directory")
+    parser.add_argument("--split", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    args = parser.parse_args(argv)
+    serialize_split(
+        args.entry["format"], args.source, args.split, args.out, entry=args.entry, on_bad_record=args.on_bad_record
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))
