@@ -45,7 +45,7 @@ rule download:
         "../envs/cpu.yaml"
     shell:
         "python {params.script} --name {wildcards.dataset} --entry {params.entry}"
-        " --dest {output} --cache-dir resources/cache/{wildcards.dataset} --checksum-dir resources/checksums"
+        " --dest {output} --cache-dir resources/cache --checksum-dir resources/checksums"
         " --timeout {params.timeout} --retries {params.retries} > {log} 2>&1"
 
 
