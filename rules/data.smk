@@ -62,7 +62,7 @@ rule serialize:
         "logs/serialize/{dataset}/{split}.log",
     benchmark:
         "benchmarks/serialize/{dataset}/{split}.tsv"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=120,
@@ -70,4 +70,5 @@ rule serialize:
         "../envs/cpu.yaml"
     shell:
         "python {params.script} --entry {params.entry} --source {input}"
-        " --split {wildcards.split} --out {output} --on-bad-record {params.on_bad_record} > {log} 2>&1"
+        " --split {wildcards.split} --out {output} --on-bad-record {params.on_bad_record}"
+        " --workers {threads} > {log} 2>&1"

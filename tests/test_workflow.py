@@ -21,30 +21,37 @@ def test_lint_is_clean():
     assert "Congratulations, your workflow is in a good condition" in proc.stdout + proc.stderr
 
 
-def test_default_dag_plans_every_stage(workflow):
-    proc = workflow.run("-n", "--quiet", "rules")
-    out = proc.stdout + proc.stderr
-    assert _job_count(out, "demo_archive") == 1
-    # one serialization job per registered split of the demo
-    splits = yaml.safe_load((REPO / "config" / "datasets.yaml").read_text(encoding="utf-8"))["demo_cn"]["splits"]
-    assert _job_count(out, "serialize") == len(splits)
-    assert _job_count(out, "download") == 1
-
-
-def _job_count(out: str, rule: str) -> int:
+def _job_counts(out: str) -> dict[str, int]:
+    counts = {}
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[0] == rule and parts[1].isdigit():
-            return int(parts[1])
-    raise AssertionError(f"no job count for {rule} in:\n{out}")
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
 
 
-def test_real_dataset_dag_plans_download(workflow):
-    workflow.write_config({"grid": {"datasets": ["flickr30k_cn"], "models": ["ernie_vil"]}})
-    out = workflow.run("-n", "--quiet", "rules").stdout
-    assert _job_count(out, "download") == 1
-    assert _job_count(out, "serialize") == 3
-    assert "demo_archive" not in out
+def test_default_dag_plans_every_stage(workflow):
+    counts = _job_counts(workflow.run("-n", "--quiet", "rules").stdout)
+    # demo_cn x ernie_vil: the train split for fine-tuning, the test split for evaluation, and
+    # two evaluated stages (zero-shot and fine-tuned), each extracted and ranked.
+    assert counts == {
+        "demo_archive": 1, "download": 1, "serialize": 2, "prepare_model": 1, "finetune": 1,
+        "extract_features": 2, "rank": 2, "score": 1, "all": 1,
+    }
+
+
+def test_real_dataset_dag_plans_download_to_recall(workflow):
+    proc = workflow.run("results/flickr30k_cn/ernie_vil/", "-n", "--quiet", "rules")
+    counts = _job_counts(proc.stdout)
+    assert counts == {
+        "download": 1, "serialize": 2, "prepare_model": 1, "finetune": 1,
+        "extract_features": 2, "rank": 2, "score": 1,
+    }
+
+
+def test_test_only_dataset_is_evaluated_zero_shot(workflow):
+    counts = _job_counts(workflow.run("results/coco_cn/ernie_vil/", "-n", "--quiet", "rules").stdout)
+    assert counts == {"download": 1, "serialize": 1, "prepare_model": 1, "extract_features": 1, "rank": 1, "score": 1}
 
 
 @pytest.mark.slow
@@ -54,7 +61,8 @@ def test_demo_runs_through_serialization(workflow):
         {"grid": {"datasets": ["demo_tiny"], "models": ["ernie_vil"]}},
         datasets={"demo_tiny": tiny_demo_entry(sizes)},
     )
-    workflow.run()
+    targets = [f"resources/demo_tiny/lmdb/{split}" for split in sizes]
+    workflow.run(*targets)
     root = workflow.workdir / "resources" / "demo_tiny"
     manifest = json.loads((root / "download" / "MANIFEST.json").read_text(encoding="utf-8"))
     assert manifest, "download wrote an empty manifest"
@@ -69,5 +77,5 @@ def test_demo_runs_through_serialization(workflow):
         report = json.loads((root / "lmdb" / split / "validation_report.json").read_text(encoding="utf-8"))
         assert report  # the report exists for every split, even when nothing was skipped
     # a second run has nothing to do: outputs are complete and up to date
-    second = workflow.run("-n")
+    second = workflow.run(*targets, "-n")
     assert "Nothing to be done" in second.stdout + second.stderr

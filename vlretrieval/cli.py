@@ -21,12 +21,14 @@ def json_arg(text: str):
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main``; expected failures end with one clear line and exit status 1.
 
+    An integer returned by ``main`` is the exit status.
+
     Anything unexpected still raises with its traceback, because that is a bug to report.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        main(argv)
+        code = main(argv)
     except VLRetrievalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0

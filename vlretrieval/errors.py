@@ -21,6 +21,10 @@ class DataError(VLRetrievalError):
         where = self.location if record is None else f"{self.location} ({record})"
         super().__init__(f"{where}: {problem}")
 
+    def __reduce__(self):
+        # Errors raised in worker processes cross back to the parent by pickling.
+        return (type(self), (self.location, self.problem, self.record))
+
 
 class DownloadError(VLRetrievalError):
     """A source could not be fetched, verified or extracted."""

@@ -14,9 +14,11 @@ def main(argv=None):
     parser.add_argument("--split", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    parser.add_argument("--workers", type=int, default=None, help="threads checking images")
     args = parser.parse_args(argv)
     serialize_split(
-        args.entry["format"], args.source, args.split, args.out, entry=args.entry, on_bad_record=args.on_bad_record
+        args.entry["format"], args.source, args.split, args.out, entry=args.entry, on_bad_record=args.on_bad_record,
+        workers=args.workers,
     )
 
 

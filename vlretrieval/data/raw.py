@@ -72,7 +72,7 @@ def iter_text_lines(path: str | os.PathLike) -> Iterator[RawTextLine]:
             try:
                 yield RawTextLine(path, line_no, line, json.loads(line))
             except json.JSONDecodeError as exc:
-                yield RawTextLine(path, line_no, line, None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+                yield RawTextLine(path, line_no, line, None, f"invalid JSON: {exc.msg}, column {exc.colno}")
 
 
 def write_image_line(handle: IO[str], image_id: int, image_bytes: bytes) -> None:
