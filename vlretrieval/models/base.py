@@ -1,0 +1,323 @@
+"""One interface for every model family, in two kinds.
+
+* :class:`DualEncoder` (kind ``"dual_encoder"``) embeds images and texts separately into one
+  L2-normalised space and trains with a contrastive loss; retrieval is a dot product.
+* :class:`CrossEncoder` (kind ``"cross_encoder"``) scores an (image, text) pair jointly and trains
+  with an image-text matching loss; retrieval re-ranks candidates from a dual encoder.
+
+A :class:`ModelFamily` describes one family (ERNIE-ViL, Chinese-CLIP, ...): how to build its ``tiny``
+architecture, load it from a pretrained name or a local directory, save it so the directory reloads
+on its own, its tokenizer and its image preprocessing. The pipeline looks families up in
+:mod:`vlretrieval.models.registry` and only ever branches on ``family.kind``.
+
+This module imports neither paddle nor paddlenlp at import time, so the registry and the image
+transforms stay cheap to import (DataLoader workers, workflow scripts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..io import atomic_directory, write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    import paddle
+    from PIL import Image
+
+DUAL_ENCODER = "dual_encoder"
+CROSS_ENCODER = "cross_encoder"
+KINDS = (DUAL_ENCODER, CROSS_ENCODER)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# CLIP's bound on the logit scale: beyond 100 the softmax saturates and training becomes unstable.
+MAX_LOGIT_SCALE = 100.0
+
+#: Written into every model directory this package saves, so later stages know the family without
+#: being told (and without guessing from file names).
+MODEL_INFO_FILE = "vlretrieval_model.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Image preprocessing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> float32 ``[3, size, size]`` array, picklable so DataLoader workers can use it.
+
+    Training (``train=True``) follows the ERNIE-ViL 2.0 recipe: RandomResizedCrop with area scale
+    ``crop_scale`` and bicubic resampling, then an optional horizontal flip. Evaluation resizes the whole
+    image to ``size x size`` (bicubic). Both end with ImageNet mean/std normalisation.
+
+    ``hflip`` exists because a horizontal flip turns "left" into "right": it is the reference recipe
+    and harmless for captions without such words, but it corrupts the labels of datasets whose
+    captions describe positions (the offline demo), which therefore turn it off.
+    """
+
+    image_size: int
+    train: bool = False
+    hflip: bool = True
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+
+    def _crop_box(self, width: int, height: int, rng) -> tuple[int, int, int, int]:
+        area = width * height
+        log_lo, log_hi = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
+        for _ in range(10):
+            target = area * rng.uniform(*self.crop_scale)
+            aspect = math.exp(rng.uniform(log_lo, log_hi))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                left = rng.randint(0, width - w)
+                top = rng.randint(0, height - h)
+                return left, top, left + w, top + h
+        # No sample fitted (extreme aspect ratio): fall back to the largest central crop in range.
+        ratio = width / height
+        if ratio < self.crop_ratio[0]:
+            w, h = width, int(round(width / self.crop_ratio[0]))
+        elif ratio > self.crop_ratio[1]:
+            w, h = int(round(height * self.crop_ratio[1])), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, image: "Image.Image", rng: random.Random | None = None) -> np.ndarray:
+        from PIL import Image
+
+        # The module-level generator is reseeded per DataLoader worker by paddle, so workers differ.
+        rng = rng if rng is not None else random  # the module's functions share the Random API
+        image = image.convert("RGB")
+        size = (self.image_size, self.image_size)
+        if self.train:
+            box = self._crop_box(image.width, image.height, rng)
+            image = image.resize(size, Image.BICUBIC, box=box)
+            if self.hflip and rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            image = image.resize(size, Image.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model interfaces
+# --------------------------------------------------------------------------------------------------
+
+
+class DualEncoderOutput(NamedTuple):
+    """What a dual encoder's ``forward`` returns during training: local, un-gathered features.
+
+    ``logit_scale`` is part of the output (not read from the model afterwards) so that the
+    temperature is reachable from the outputs; ``paddle.DataParallel`` with
+    ``find_unused_parameters`` would otherwise treat it as unused and never all-reduce its gradient.
+    """
+
+    image_features: "paddle.Tensor"  # [n, d], L2-normalised
+    text_features: "paddle.Tensor"  # [n, d], L2-normalised
+    logit_scale: "paddle.Tensor"  # [1] or scalar, exp of the learnable log-temperature
+
+
+class DualEncoder:
+    """Mixin for paddle layers that embed images and texts separately (kind ``"dual_encoder"``).
+
+    Implementations provide :meth:`encode_images`, :meth:`encode_texts`, :meth:`logit_scale` and
+    :meth:`clamp_logit_scale_`, and make ``forward(pixel_values=..., input_ids=..., attention_mask=...)``
+    return :class:`DualEncoderOutput` *without* gathering across ranks: the loss gathers, once and
+    explicitly (:func:`vlretrieval.training.losses.clip_contrastive_loss`).
+
+    A plain mixin rather than an ``abc.ABC``: paddlenlp models have their own metaclass, and ABCMeta
+    cannot be combined with it.
+    """
+
+    kind: ClassVar[str] = DUAL_ENCODER
+
+    def encode_images(self, pixel_values: "paddle.Tensor") -> "paddle.Tensor":
+        """``[n, 3, H, W]`` normalised pixels -> ``[n, d]`` L2-normalised image embeddings."""
+        raise NotImplementedError
+
+    def encode_texts(
+        self, input_ids: "paddle.Tensor", attention_mask: "paddle.Tensor | None" = None, **kwargs: Any
+    ) -> "paddle.Tensor":
+        """``[n, L]`` token ids (+ mask) -> ``[n, d]`` L2-normalised text embeddings."""
+        raise NotImplementedError
+
+    def logit_scale(self) -> "paddle.Tensor":
+        """The multiplier of the cosine similarities, ``exp(log-temperature)``."""
+        raise NotImplementedError
+
+    def clamp_logit_scale_(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
+        """Clamp the learnable temperature in place so that ``1 <= logit_scale() <= max_scale``."""
+        raise NotImplementedError
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameter names (as in ``named_parameters``) that weight decay must not touch."""
+        return set()
+
+    @property
+    def embedding_dim(self) -> int:
+        raise NotImplementedError
+
+    def contrastive_loss(self, output: DualEncoderOutput, *, gather_with_grad: bool = False, group=None):
+        """CLIP loss of this model's ``forward`` output, with cross-batch negatives across ranks."""
+        from ..training.losses import clip_contrastive_loss
+
+        return clip_contrastive_loss(
+            output.image_features,
+            output.text_features,
+            output.logit_scale,
+            gather_with_grad=gather_with_grad,
+            group=group,
+        )
+
+
+class CrossEncoder:
+    """Mixin for models that score (image, text) pairs jointly (kind ``"cross_encoder"``).
+
+    Families of this kind (VinVL/Oscar+, BridgeTower) implement :meth:`score_pairs` for re-ranking and
+    :meth:`itm_loss` for training on positives and sampled hard negatives.
+    """
+
+    kind: ClassVar[str] = CROSS_ENCODER
+
+    def score_pairs(self, **inputs: Any) -> "paddle.Tensor":
+        """Matching score ``[n]`` of ``n`` aligned (image, text) pairs; higher means a better match."""
+        raise NotImplementedError
+
+    def itm_loss(self, labels: "paddle.Tensor", **inputs: Any) -> "paddle.Tensor":
+        """Image-text matching loss of ``n`` pairs with binary ``labels`` (1 = matching pair)."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# Family description
+# --------------------------------------------------------------------------------------------------
+
+
+def is_local_source(source: str | os.PathLike) -> bool:
+    """True when ``source`` names a local directory rather than a pretrained model name.
+
+    Pretrained names contain a slash too (``PaddlePaddle/ernie_vil-2.0-base-zh``), so an explicit
+    path form (absolute, ``./``, ``../``, ``~``) counts as local even when it does not exist; that way a
+    typo in a directory fails with "not found" instead of a download attempt.
+    """
+    text = os.fspath(source)
+    if os.path.isdir(text):
+        return True
+    return text.startswith(("/", "./", "../", "~")) or text in (".", "..")
+
+
+def read_model_info(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The :data:`MODEL_INFO_FILE` of a model directory written by :meth:`ModelFamily.save`."""
+    path = Path(model_dir) / MODEL_INFO_FILE
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not a model directory saved by vlretrieval (no {MODEL_INFO_FILE})") from None
+
+
+@dataclass
+class ModelFamily:
+    """Description of one model family; subclasses implement the loading and saving hooks.
+
+    Attributes:
+        name: registry key (``"ernie_vil"``), also the model name used in configs.
+        kind: :data:`DUAL_ENCODER` or :data:`CROSS_ENCODER`.
+        default_pretrained: the pretrained name used when a config says only ``pretrained``.
+        supports_recompute: whether activation recomputation can be switched on for training.
+        train_max_len / eval_max_len: default text lengths (tokens, with specials) for training and
+            feature extraction.
+        tiny: the default ``tiny`` architecture; ``build_tiny(**overrides)`` replaces entries.
+    """
+
+    name: str
+    kind: str
+    description: str = ""
+    default_pretrained: str | None = None
+    supports_recompute: bool = False
+    train_max_len: int = 32
+    eval_max_len: int = 52
+    tiny: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"family {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+
+    # -- construction -------------------------------------------------------------------------------
+
+    def build_tiny(self, vocab_file: str | os.PathLike, *, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
+        """A randomly initialised ``tiny`` model and its tokenizer over the WordPiece ``vocab_file``.
+
+        The same vocabulary, ``seed`` and ``overrides`` give bit-identical weights. ``vocab_file`` must
+        still exist when the tokenizer is saved (see :mod:`vlretrieval.models.vocab` to build one).
+        """
+        raise NotImplementedError
+
+    def load_model(self, source: str | os.PathLike) -> Any:
+        """Load weights from a pretrained name or a local directory (see :func:`is_local_source`)."""
+        raise NotImplementedError
+
+    def load_tokenizer(self, source: str | os.PathLike) -> Any:
+        raise NotImplementedError
+
+    def save(self, model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, extra_info: dict | None = None) -> Path:
+        """Write a self-contained model directory (weights, config, tokenizer, processor, model info).
+
+        Writes into ``out_dir`` directly; use :meth:`save_atomic` when a half-written directory must
+        never be visible under the final name.
+        """
+        raise NotImplementedError
+
+    def save_atomic(self, model: Any, tokenizer: Any, out_dir: str | os.PathLike, **kwargs: Any) -> Path:
+        """:meth:`save` into a temporary sibling directory that is renamed to ``out_dir`` on success."""
+        with atomic_directory(out_dir) as tmp:
+            self.save(model, tokenizer, tmp, **kwargs)
+        return Path(out_dir)
+
+    def write_model_info(self, out_dir: str | os.PathLike, info: dict[str, Any]) -> None:
+        write_json(Path(out_dir) / MODEL_INFO_FILE, {"family": self.name, "kind": self.kind, **info})
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def image_size(self, model: Any) -> int:
+        """Side length in pixels of the square images the model's vision tower expects."""
+        raise NotImplementedError
+
+    def image_transform(self, model_or_size: Any, *, train: bool, hflip: bool = True) -> ImageTransform:
+        """Preprocessing for training (augmented) or evaluation (deterministic) images."""
+        size = model_or_size if isinstance(model_or_size, int) else self.image_size(model_or_size)
+        return ImageTransform(image_size=size, train=train, hflip=hflip)
+
+    def tokenize(
+        self, tokenizer: Any, texts: Sequence[str], *, max_len: int, pad_to_max: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Token ids and attention mask, truncated to ``max_len`` tokens (specials included).
+
+        Returns ``int64`` arrays ``input_ids`` and ``attention_mask`` of shape ``[n, L]`` where ``L`` is
+        the longest encoded text (or ``max_len`` with ``pad_to_max``).
+        """
+        raise NotImplementedError

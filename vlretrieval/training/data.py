@@ -1,0 +1,255 @@
+"""Datasets and loaders over serialized splits (:class:`vlretrieval.data.lmdb_store.SplitStore`).
+
+* :class:`PairDataset`: one (image, caption) pair per item for contrastive training, with the
+  training image transform and captions truncated to ``max_len`` tokens.
+* :class:`ImageDataset` / :class:`TextDataset` and :func:`image_loader` / :func:`text_loader`:
+  every image or every text of a split once, in store order, batched for feature extraction. Each
+  item carries its own id, so batches stay correct with any number of workers and any order.
+
+Datasets keep only the split's path; the LMDB is opened on first access in each process (the
+DataLoader's workers included) through :func:`shared_store`, never used across a fork.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from paddle.io import DataLoader, Dataset
+
+from ..data.lmdb_store import SplitStore
+from ..errors import DataError
+
+
+# py-lmdb refuses to open one environment twice in a process, and a forked child inherits that
+# refusal for every environment its parent had open. So each process holds at most one store per
+# split, shared by all datasets (which never keep a reference between calls), and a process closes
+# its store before it forks DataLoader workers.
+_OPEN_STORES: dict[str, tuple[int, SplitStore]] = {}
+
+
+def _store_key(split_dir: str | os.PathLike) -> str:
+    return str(Path(split_dir).resolve())
+
+
+def shared_store(split_dir: str | os.PathLike) -> SplitStore:
+    """This process's open :class:`SplitStore` of ``split_dir``, opened on first use."""
+    key, pid = _store_key(split_dir), os.getpid()
+    entry = _OPEN_STORES.get(key)
+    if entry is not None and entry[0] == pid:
+        return entry[1]
+    store = SplitStore(split_dir)
+    _OPEN_STORES[key] = (pid, store)
+    return store
+
+
+def release_store(split_dir: str | os.PathLike) -> None:
+    """Close this process's store of ``split_dir`` (if open); the next access reopens it."""
+    key = _store_key(split_dir)
+    entry = _OPEN_STORES.get(key)
+    if entry is not None and entry[0] == os.getpid():
+        del _OPEN_STORES[key]
+        entry[1].close()
+
+
+TokenizeFn = Callable[[Sequence[str], int], dict]
+
+
+class FamilyTokenizer:
+    """``(texts, max_len) -> {"input_ids", "attention_mask"}`` through a family's truncating tokenize.
+
+    Holds the family by name so it pickles (spawn-started workers pickle the dataset).
+    """
+
+    def __init__(self, family_name: str, tokenizer: Any):
+        self.family_name = family_name
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: Sequence[str], max_len: int) -> dict:
+        from ..models.registry import get_family
+
+        return get_family(self.family_name).tokenize(self.tokenizer, texts, max_len=max_len)
+
+
+class PairDataset(Dataset):
+    """Item ``i`` is pair ``i`` of the split: transformed image and truncated caption ids.
+
+    Returns a dict with ``pixel_values`` float32 ``[3, H, W]``, ``input_ids`` and ``attention_mask``
+    int64 ``[L]`` (``L <= max_len``, unpadded), ``image_id`` and ``text_id``.
+    """
+
+    def __init__(self, split_dir: str | os.PathLike, transform: Callable, tokenize: TokenizeFn, *, max_len: int):
+        super().__init__()
+        if max_len < 2:
+            raise ValueError(f"max_len must be at least 2 ([CLS] and [SEP]), got {max_len}")
+        self.split_dir = Path(split_dir)
+        self._num_pairs = shared_store(split_dir).num_pairs
+        release_store(split_dir)  # workers fork later and must be able to open it themselves
+        if self._num_pairs == 0:
+            raise DataError(str(split_dir), "the split has no (image, text) pairs to train on")
+        self.transform = transform
+        self.tokenize = tokenize
+        self.max_len = int(max_len)
+
+    def __len__(self) -> int:
+        return self._num_pairs
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        store = shared_store(self.split_dir)
+        pair = store.pair(int(index))
+        try:
+            image = store.open_image(pair.image_id)
+        except KeyError:
+            raise DataError(
+                str(self.split_dir), f"pair {index} names image {pair.image_id}, which the split lacks",
+                record=f"text_id={pair.text_id}",
+            ) from None
+        encoded = self.tokenize([pair.text], self.max_len)
+        mask = encoded["attention_mask"][0]
+        length = int(mask.sum())
+        return {
+            "pixel_values": self.transform(image),
+            "input_ids": encoded["input_ids"][0][:length],
+            "attention_mask": mask[:length],
+            "image_id": pair.image_id,
+            "text_id": pair.text_id,
+        }
+
+
+def pad_sequences(sequences: Sequence[np.ndarray], pad_value: int) -> np.ndarray:
+    """Right-pad 1-D int arrays to the longest into one ``int64`` matrix."""
+    width = max(len(s) for s in sequences)
+    out = np.full((len(sequences), width), pad_value, dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = seq
+    return out
+
+
+class PairCollator:
+    """Stacks :class:`PairDataset` items into the model inputs ``pixel_values``, ``input_ids``, ``attention_mask``.
+
+    Ids are dropped by default because the Trainer passes every batch key to the model.
+    """
+
+    def __init__(self, pad_token_id: int = 0, *, keep_ids: bool = False):
+        self.pad_token_id = int(pad_token_id)
+        self.keep_ids = keep_ids
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        batch = {
+            "pixel_values": np.stack([item["pixel_values"] for item in items]).astype(np.float32, copy=False),
+            "input_ids": pad_sequences([item["input_ids"] for item in items], self.pad_token_id),
+            "attention_mask": pad_sequences([item["attention_mask"] for item in items], 0),
+        }
+        if self.keep_ids:
+            batch["image_ids"] = np.asarray([item["image_id"] for item in items], dtype=np.int64)
+            batch["text_ids"] = np.asarray([item["text_id"] for item in items], dtype=np.int64)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction: every image / every text once
+# --------------------------------------------------------------------------------------------------
+
+
+class ImageDataset(Dataset):
+    """Item ``i`` is the ``i``-th image of the split (store order) as ``{"image_id", "pixel_values"}``."""
+
+    def __init__(self, split_dir: str | os.PathLike, transform: Callable):
+        super().__init__()
+        self.split_dir = Path(split_dir)
+        self.image_ids = shared_store(split_dir).image_ids()
+        release_store(split_dir)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id = self.image_ids[int(index)]
+        return {"image_id": image_id, "pixel_values": self.transform(shared_store(self.split_dir).open_image(image_id))}
+
+
+class TextDataset(Dataset):
+    """Item ``i`` is the ``i``-th text of the split (file order), tokenized and truncated to ``max_len``."""
+
+    def __init__(self, split_dir: str | os.PathLike, tokenize: TokenizeFn, *, max_len: int):
+        super().__init__()
+        self.split_dir = Path(split_dir)
+        records = shared_store(split_dir).texts()
+        release_store(split_dir)
+        self.text_ids = [record.text_id for record in records]
+        self.texts = [record.text for record in records]
+        self.tokenize = tokenize
+        self.max_len = int(max_len)
+
+    def __len__(self) -> int:
+        return len(self.text_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        encoded = self.tokenize([self.texts[index]], self.max_len)
+        mask = encoded["attention_mask"][0]
+        length = int(mask.sum())
+        return {
+            "text_id": self.text_ids[index],
+            "input_ids": encoded["input_ids"][0][:length],
+            "attention_mask": mask[:length],
+        }
+
+
+def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {
+        "image_ids": np.asarray([item["image_id"] for item in items], dtype=np.int64),
+        "pixel_values": np.stack([item["pixel_values"] for item in items]).astype(np.float32, copy=False),
+    }
+
+
+class TextCollator:
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return {
+            "text_ids": np.asarray([item["text_id"] for item in items], dtype=np.int64),
+            "input_ids": pad_sequences([item["input_ids"] for item in items], self.pad_token_id),
+            "attention_mask": pad_sequences([item["attention_mask"] for item in items], 0),
+        }
+
+
+def _loader(dataset: Dataset, collate: Callable, batch_size: int, num_workers: int) -> DataLoader:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers > 0:
+        release_store(dataset.split_dir)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        collate_fn=collate,
+        num_workers=num_workers,
+        return_list=True,
+    )
+
+
+def image_loader(
+    split_dir: str | os.PathLike, transform: Callable, *, batch_size: int = 64, num_workers: int = 0
+) -> DataLoader:
+    """Batches ``{"image_ids": [n], "pixel_values": [n, 3, H, W]}`` (paddle tensors) of every image once."""
+    return _loader(ImageDataset(split_dir, transform), collate_images, batch_size, num_workers)
+
+
+def text_loader(
+    split_dir: str | os.PathLike,
+    tokenize: TokenizeFn,
+    *,
+    max_len: int,
+    pad_token_id: int = 0,
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> DataLoader:
+    """Batches ``{"text_ids", "input_ids", "attention_mask"}`` (paddle tensors) of every text once."""
+    return _loader(TextDataset(split_dir, tokenize, max_len=max_len), TextCollator(pad_token_id), batch_size, num_workers)

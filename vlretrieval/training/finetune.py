@@ -1,0 +1,850 @@
+"""Contrastive fine-tuning of a dual encoder with the PaddleNLP Trainer, data-parallel over ranks.
+
+Run one process per device through ``paddle.distributed.launch`` (:func:`launch_command` builds the
+line). On CPU the ranks talk over gloo::
+
+    python -m paddle.distributed.launch --nproc_per_node 2 --log_dir WORK/launch_logs --max_restart 0 \\
+        PYTHON -m vlretrieval.training.finetune \\
+        --model-dir INIT_MODEL_DIR --train-data LMDB_SPLIT_DIR --output-dir WORK --final-dir FINAL \\
+        [--hparams-json '{"per_device_train_batch_size": 32, "max_steps": 200}'] [--device cpu]
+
+and on GPUs the same with ``--gpus 0,1`` instead of ``--nproc_per_node 2`` (``PYTHON`` is the
+interpreter's path; launch runs any non-``.py`` entry as a command, which is how ``-m`` works).
+Without launch the module trains in a single process. The workflow calls :func:`launch_finetune`,
+which builds that command, forwards termination signals to the launcher and checks the result.
+
+What a run leaves in the work dir (``--output-dir``):
+
+* ``checkpoint-<step>/``: Trainer checkpoints every ``save_steps`` (weights, optimizer, scheduler,
+  RNG, ``trainer_state.json``, tokenizer) plus :data:`CHECKPOINT_MARKER`, written last, which lists
+  the files and sizes. Only checkpoints whose marker matches their files count as complete.
+* ``train_log.jsonl``: one JSON object per line, written by rank 0 only. Every record has ``event``,
+  ``step`` (global step) and ``time`` (unix seconds):
+
+  - ``start`` / ``resume``: run facts (``world_size``, ``per_device_batch_size``,
+    ``global_batch_size``, ``train_pairs``, ``max_steps``, ``hparams``; ``checkpoint`` on a resume);
+  - ``train``, one per logging step: ``loss`` (mean over ranks of the local losses, which is the
+    CLIP loss of the global batch), ``lr`` (the rate the optimizer applied in that step),
+    ``logit_scale``, ``samples_per_second`` (global samples over the logging interval), ``epoch``;
+  - ``end``: ``train_runtime``, ``train_samples_per_second``, ``mean_loss`` over this run's steps.
+
+A rerun after a kill resumes from the newest complete checkpoint (model, optimizer, scheduler, data
+position and RNG), deletes incomplete ones, and truncates ``train_log.jsonl`` to the resumed step so
+no step is logged twice. The fine-tuned model is written to ``--final-dir`` atomically (temporary
+directory + rename), loadable on its own through the model family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..errors import ConfigError, VLRetrievalError
+from ..io import atomic_directory, atomic_open, atomic_path
+
+TRAIN_LOG = "train_log.jsonl"
+CHECKPOINT_MARKER = "vlretrieval_checkpoint.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+#: The ERNIE-ViL 2.0 Flickr30k-CN recipe (PaddleNLP ``model_zoo/ernie-vil2.0``), overridable per run.
+DEFAULT_HPARAMS: dict[str, Any] = {
+    "learning_rate": 5e-5,
+    "warmup_steps": 100,
+    "per_device_train_batch_size": 128,
+    "num_train_epochs": 5,
+    "max_steps": -1,  # > 0 overrides num_train_epochs
+    "weight_decay": 0.001,
+    "lr_scheduler_type": "cosine",
+    "max_grad_norm": 1.0,
+    "recompute": True,  # applied only when the family supports it
+    "train_max_len": None,  # None: the family's default (32 for ERNIE-ViL)
+    "hflip": True,  # reference augmentation; turn off for captions that say left/right (the demo)
+    "gather_with_grad": False,  # as the reference: gathered negatives carry no gradient
+    "seed": 1,
+    "logging_steps": 1,
+    "save_steps": 500,
+    "save_total_limit": 3,  # 0 keeps every checkpoint
+    "dataloader_num_workers": 0,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Hyperparameters
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_hparams(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`DEFAULT_HPARAMS` updated with ``overrides``; unknown keys and bad values raise ConfigError."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(DEFAULT_HPARAMS))
+    if unknown:
+        raise ConfigError(f"unknown fine-tuning hyperparameter(s) {unknown}; known: {sorted(DEFAULT_HPARAMS)}")
+    hparams = {**DEFAULT_HPARAMS, **overrides}
+    positive_ints = ("per_device_train_batch_size", "logging_steps", "save_steps")
+    for key in positive_ints:
+        if not isinstance(hparams[key], int) or hparams[key] < 1:
+            raise ConfigError(f"hyperparameter {key} must be a positive integer, got {hparams[key]!r}")
+    for key in ("warmup_steps", "dataloader_num_workers"):
+        if not isinstance(hparams[key], int) or hparams[key] < 0:
+            raise ConfigError(f"hyperparameter {key} must be a non-negative integer, got {hparams[key]!r}")
+    limit = hparams["save_total_limit"]
+    if not isinstance(limit, int) or limit < 0 or limit == 1:
+        # The Trainer deletes the previous checkpoint before the new one is marked complete, so
+        # keeping a single checkpoint leaves a window in which a kill leaves nothing to resume from.
+        raise ConfigError(f"hyperparameter save_total_limit must be 0 (keep all) or >= 2, got {limit!r}")
+    if not isinstance(hparams["max_steps"], int) or (hparams["max_steps"] <= 0 and hparams["max_steps"] != -1):
+        raise ConfigError(f"hyperparameter max_steps must be a positive integer or -1, got {hparams['max_steps']!r}")
+    for key in ("learning_rate", "num_train_epochs"):
+        if not isinstance(hparams[key], (int, float)) or hparams[key] <= 0:
+            raise ConfigError(f"hyperparameter {key} must be a positive number, got {hparams[key]!r}")
+    for key in ("weight_decay", "max_grad_norm"):
+        if not isinstance(hparams[key], (int, float)) or hparams[key] < 0:
+            raise ConfigError(f"hyperparameter {key} must be a non-negative number, got {hparams[key]!r}")
+    for key in ("recompute", "hflip", "gather_with_grad"):
+        if not isinstance(hparams[key], bool):
+            raise ConfigError(f"hyperparameter {key} must be true or false, got {hparams[key]!r}")
+    if hparams["train_max_len"] is not None and (not isinstance(hparams["train_max_len"], int) or hparams["train_max_len"] < 2):
+        raise ConfigError(f"hyperparameter train_max_len must be an integer >= 2 or null, got {hparams['train_max_len']!r}")
+    return hparams
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match and path.is_dir() else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-<step>`` directory, newest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        try:
+            step = _checkpoint_step(child)
+        except OSError:  # removed while listing
+            continue
+        if step is not None:
+            found.append((step, child))
+    return sorted(found, reverse=True)
+
+
+def write_checkpoint_marker(checkpoint_dir: str | os.PathLike, global_step: int) -> Path:
+    """Record the files of a finished checkpoint; their presence and sizes define completeness."""
+    checkpoint_dir = Path(checkpoint_dir)
+    files = {
+        str(path.relative_to(checkpoint_dir)): path.stat().st_size
+        for path in sorted(checkpoint_dir.rglob("*"))
+        if path.is_file() and path.name != CHECKPOINT_MARKER
+    }
+    marker = checkpoint_dir / CHECKPOINT_MARKER
+    with atomic_open(marker) as handle:
+        json.dump({"global_step": int(global_step), "files": files}, handle, indent=1)
+    return marker
+
+
+def is_complete_checkpoint(checkpoint_dir: str | os.PathLike) -> bool:
+    """True when the marker exists, names the trainer state, and every listed file has its recorded size."""
+    checkpoint_dir = Path(checkpoint_dir)
+    try:
+        with open(checkpoint_dir / CHECKPOINT_MARKER, "r", encoding="utf-8") as handle:
+            marker = json.load(handle)
+        files = marker["files"]
+        if "trainer_state.json" not in files:
+            return False
+        return all((checkpoint_dir / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def find_resumable_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``output_dir``, or None."""
+    for _, path in list_checkpoints(output_dir):
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the checkpoints a killed run left half-written; returns their paths.
+
+    Otherwise a later save into the same ``checkpoint-<step>`` name would mix old and new files, and
+    checkpoint rotation would count them.
+    """
+    removed = []
+    for _, path in list_checkpoints(output_dir):
+        if not is_complete_checkpoint(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics log
+# --------------------------------------------------------------------------------------------------
+
+
+def read_train_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete JSON line of a ``train_log.jsonl``; a line cut off by a kill is skipped."""
+    records = []
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    break
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return records
+
+
+def truncate_train_log(path: str | os.PathLike, last_step: int) -> None:
+    """Keep only the records at or before ``last_step`` (atomically), so resumed steps are not duplicated."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [r for r in read_train_log(path) if int(r.get("step", 0)) <= last_step]
+    with atomic_open(path) as handle:
+        for record in kept:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _trainer_callback_base():
+    from paddlenlp.trainer import TrainerCallback
+
+    return TrainerCallback
+
+
+def _is_world_zero(state) -> bool:
+    return bool(getattr(state, "is_world_process_zero", True))
+
+
+def make_callbacks(train_log: Path, *, model_dir: Path, resumed_from: Path | None, run_info: dict[str, Any]):
+    """The callbacks of a fine-tuning run: metrics log, temperature clamp, checkpoint marker."""
+    import paddle
+    import paddle.distributed as dist
+
+    from ..models.base import MODEL_INFO_FILE
+    from .losses import distributed_world
+
+    base = _trainer_callback_base()
+    # Copied into every checkpoint so that one can be evaluated like a saved model directory.
+    model_dir_extras = [model_dir / name for name in (MODEL_INFO_FILE, "preprocessor_config.json")]
+
+    class JsonlMetricsCallback(base):
+        """Appends the records described in the module docstring to ``train_log.jsonl`` (rank 0)."""
+
+        def __init__(self):
+            self._lr: float | None = None
+            self._losses: list[float] = []
+
+        def _write(self, record: dict[str, Any]) -> None:
+            record.setdefault("time", round(time.time(), 3))
+            with open(train_log, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not _is_world_zero(state):
+                return
+            train_log.parent.mkdir(parents=True, exist_ok=True)
+            truncate_train_log(train_log, state.global_step)
+            event = {"event": "resume" if resumed_from is not None else "start", "step": int(state.global_step)}
+            if resumed_from is not None:
+                event["checkpoint"] = resumed_from.name
+            event.update(run_info)
+            event["max_steps"] = int(state.max_steps)
+            self._write(event)
+
+        def on_step_begin(self, args, state, control, lr_scheduler=None, optimizer=None, **kwargs):
+            # Read before the step: the Trainer advances the scheduler right after the optimizer step,
+            # so at logging time it already reports the next step's rate.
+            if lr_scheduler is not None:
+                self._lr = float(lr_scheduler.get_lr())
+            elif optimizer is not None:
+                self._lr = float(optimizer.get_lr())
+
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            if not _is_world_zero(state) or not logs:
+                return
+            if "loss" in logs:
+                record = {
+                    "event": "train",
+                    "step": int(state.global_step),
+                    "epoch": round(float(state.epoch or 0.0), 6),
+                    "loss": float(logs["loss"]),
+                    "lr": self._lr if self._lr is not None else float(logs.get("learning_rate", float("nan"))),
+                    "samples_per_second": logs.get("interval_samples_per_second"),
+                    "steps_per_second": logs.get("interval_steps_per_second"),
+                }
+                if model is not None and hasattr(model, "logit_scale"):
+                    with paddle.no_grad():
+                        record["logit_scale"] = float(model.logit_scale().reshape([-1])[0])
+                self._losses.append(record["loss"])
+                self._write(record)
+            elif "train_runtime" in logs:
+                record = {"event": "end", "step": int(state.global_step)}
+                for key in ("train_runtime", "train_samples_per_second", "train_steps_per_second"):
+                    if key in logs:
+                        record[key] = float(logs[key])
+                # The Trainer's own train_loss divides by all steps, including those done before a
+                # resume; this is the mean over the steps this run trained and logged.
+                if self._losses:
+                    record["mean_loss"] = sum(self._losses) / len(self._losses)
+                self._write(record)
+
+    class LogitScaleClampCallback(base):
+        """Clamps the learnable temperature in place after every optimizer step (1 <= scale <= 100)."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is not None and hasattr(model, "clamp_logit_scale_"):
+                model.clamp_logit_scale_()
+
+    class CheckpointMarkerCallback(base):
+        """Writes :data:`CHECKPOINT_MARKER` once every rank has finished saving a checkpoint."""
+
+        def on_save(self, args, state, control, **kwargs):
+            _, world = distributed_world()
+            if world > 1:
+                dist.barrier()
+            if _is_world_zero(state):
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if checkpoint.is_dir():
+                    for extra in model_dir_extras:
+                        if extra.is_file() and not (checkpoint / extra.name).exists():
+                            shutil.copyfile(extra, checkpoint / extra.name)
+                    write_checkpoint_marker(checkpoint, state.global_step)
+            if world > 1:
+                dist.barrier()
+
+    return [JsonlMetricsCallback(), LogitScaleClampCallback(), CheckpointMarkerCallback()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------
+
+
+def _contrastive_trainer_class():
+    import paddle
+    from paddlenlp.trainer import Trainer
+
+    from .losses import clip_contrastive_loss
+
+    class ContrastiveTrainer(Trainer):
+        """Trainer whose loss is our CLIP loss with cross-batch negatives over all ranks.
+
+        The model's ``forward`` returns local features (:class:`~vlretrieval.models.base.DualEncoderOutput`);
+        gathering happens once, in the loss. No evaluation metric: retrieval is scored by the
+        evaluation stage, on held-out data.
+        """
+
+        def __init__(self, *args, gather_with_grad: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gather_with_grad = gather_with_grad
+
+        def compute_loss(self, model, inputs, return_outputs=False):
+            output = model(**inputs)
+            loss = clip_contrastive_loss(
+                output.image_features,
+                output.text_features,
+                output.logit_scale,
+                gather_with_grad=self.gather_with_grad,
+            )
+            return (loss, output) if return_outputs else loss
+
+        def create_optimizer(self, lr_scheduler=None):
+            if self.optimizer is None:
+                no_decay = set(getattr(self.model, "no_weight_decay_names", lambda: set())())
+                decay_names = {
+                    param.name
+                    for name, param in self.model.named_parameters()
+                    if not any(part in name for part in ("bias", "norm")) and name not in no_decay
+                }
+                optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
+                self.optimizer = optimizer_cls(
+                    learning_rate=self.lr_scheduler if lr_scheduler is None else lr_scheduler,
+                    apply_decay_param_fun=lambda name: name in decay_names,
+                    parameters=self.model.parameters(),
+                    weight_decay=self.args.weight_decay,
+                    grad_clip=paddle.nn.ClipGradByGlobalNorm(self.args.max_grad_norm)
+                    if self.args.max_grad_norm > 0
+                    else None,
+                    **optimizer_kwargs,
+                )
+            return self.optimizer
+
+    return ContrastiveTrainer
+
+
+# --------------------------------------------------------------------------------------------------
+# Initial model
+# --------------------------------------------------------------------------------------------------
+
+
+def vocab_texts_from_split(split_dir: str | os.PathLike) -> list[str]:
+    """Every caption of a serialized split, in file order (input for a tiny model's vocabulary)."""
+    from .data import release_store, shared_store
+
+    texts = [record.text for record in shared_store(split_dir).texts()]
+    release_store(split_dir)
+    return texts
+
+
+def prepare_initial_model(
+    family_name: str,
+    init: str,
+    out_dir: str | os.PathLike,
+    *,
+    vocab_texts: Iterable[str] | None = None,
+    seed: int = 0,
+    tiny_overrides: Mapping[str, Any] | None = None,
+    vocab_min_count: int = 1,
+) -> Path:
+    """Write the starting model directory of a fine-tuning run, atomically.
+
+    ``init`` is ``"tiny"`` (random weights from ``seed``, vocabulary built from ``vocab_texts``),
+    a pretrained name, or a local model directory. The result reloads offline with
+    ``family.load_model(out_dir)`` / ``family.load_tokenizer(out_dir)``.
+    """
+    from ..models.registry import get_family
+    from ..models.vocab import build_vocab_file
+
+    family = get_family(family_name)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        if init == "tiny":
+            if vocab_texts is None:
+                raise ConfigError(f"init 'tiny' for {family_name} needs vocab_texts to build its vocabulary")
+            # The vocabulary is written inside the staging directory, so the tokenizer's save
+            # finds its source file there and the final rename carries it along.
+            tokens = build_vocab_file(vocab_texts, tmp / "vocab.txt", min_count=vocab_min_count)
+            model, tokenizer = family.build_tiny(tmp / "vocab.txt", seed=seed, **dict(tiny_overrides or {}))
+            info = {"init": "tiny", "seed": int(seed), "tiny_overrides": dict(tiny_overrides or {}), "vocab_tokens": len(tokens)}
+        else:
+            if tiny_overrides:
+                raise ConfigError("tiny_overrides only apply to init 'tiny'")
+            model = family.load_model(init)
+            tokenizer = family.load_tokenizer(init)
+            info = {"init": str(init)}
+        family.save(model, tokenizer, tmp, extra_info=info)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    global_step: int
+    resumed_from: str | None
+    final_dir: str
+    train_log: str
+    world_size: int
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"gpu"`` when paddle sees a CUDA device and ``device`` is ``auto``, else ``device``."""
+    import paddle
+
+    if device != "auto":
+        if device not in ("cpu", "gpu"):
+            raise ConfigError(f"device must be auto, cpu or gpu, got {device!r}")
+        if device == "gpu" and not paddle.is_compiled_with_cuda():
+            raise ConfigError("device gpu requested but this paddle build has no CUDA support")
+        return device
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return "gpu"
+    return "cpu"
+
+
+def exit_when_orphaned(poll_seconds: float = 2.0) -> threading.Thread | None:
+    """Under ``paddle.distributed.launch``, end this rank when the launcher dies.
+
+    The launcher starts every rank in its own session, so killing the launcher (SIGKILL, or a
+    scheduler that signals only the job's main process) would leave ranks training and writing
+    checkpoints beside the rerun. A daemon thread notices the re-parenting and exits the process.
+    """
+    if "PADDLE_TRAINER_ID" not in os.environ:
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent:
+                print(f"launcher (pid {parent}) is gone; rank {os.environ.get('PADDLE_TRAINER_ID')} exits",
+                      file=sys.stderr, flush=True)
+                os._exit(143)
+
+    thread = threading.Thread(target=watch, name="exit-when-orphaned", daemon=True)
+    thread.start()
+    return thread
+
+
+def _broadcast_from_rank0(value: Any) -> Any:
+    import paddle.distributed as dist
+
+    from .losses import distributed_world
+
+    _, world = distributed_world()
+    if world == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def finetune(
+    model_dir: str | os.PathLike,
+    train_data: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    final_dir: str | os.PathLike,
+    *,
+    hparams: Mapping[str, Any] | None = None,
+    family_name: str | None = None,
+    device: str = "auto",
+    disable_tqdm: bool | None = None,
+) -> FinetuneResult:
+    """Fine-tune the model in ``model_dir`` on the serialized split ``train_data``.
+
+    Call once per rank (under ``paddle.distributed.launch``) or in a single process. Resumes from
+    the newest complete checkpoint in ``output_dir``; writes ``final_dir`` atomically on rank 0.
+    """
+    import paddle
+    import paddle.distributed as dist
+    from paddlenlp.trainer import TrainingArguments
+
+    from ..models.base import DUAL_ENCODER, read_model_info
+    from ..models.registry import get_family
+    from .data import FamilyTokenizer, PairCollator, PairDataset
+    from .losses import distributed_world
+
+    exit_when_orphaned()
+    hparams = resolve_hparams(hparams)
+    model_dir, train_data = Path(model_dir), Path(train_data)
+    output_dir, final_dir = Path(output_dir), Path(final_dir)
+    device = resolve_device(device)
+    paddle.set_device(device)
+
+    family = get_family(family_name or read_model_info(model_dir)["family"])
+    if family.kind != DUAL_ENCODER:
+        raise ConfigError(f"fine-tuning is implemented for dual encoders; {family.name} is a {family.kind}")
+    recompute = hparams["recompute"] and family.supports_recompute
+    max_len = hparams["train_max_len"] or family.train_max_len
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    training_args = TrainingArguments(
+        output_dir=str(output_dir),
+        device=device,
+        do_train=True,
+        do_eval=False,
+        per_device_train_batch_size=hparams["per_device_train_batch_size"],
+        learning_rate=hparams["learning_rate"],
+        warmup_steps=hparams["warmup_steps"],
+        num_train_epochs=hparams["num_train_epochs"],
+        max_steps=hparams["max_steps"],
+        weight_decay=hparams["weight_decay"],
+        lr_scheduler_type=hparams["lr_scheduler_type"],
+        max_grad_norm=hparams["max_grad_norm"],
+        recompute=recompute,
+        seed=hparams["seed"],
+        logging_strategy="steps",
+        logging_steps=hparams["logging_steps"],
+        save_strategy="steps",
+        save_steps=hparams["save_steps"],
+        save_total_limit=hparams["save_total_limit"] or None,
+        dataloader_num_workers=hparams["dataloader_num_workers"],
+        # Cross-batch negatives need the same local batch size on every rank.
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        report_to=["none"],
+        disable_tqdm=disable_tqdm if disable_tqdm is not None else not sys.stderr.isatty(),
+    )
+    rank, world = distributed_world()
+
+    tokenizer = family.load_tokenizer(model_dir)
+    model = family.load_model(model_dir)
+    model.train()
+    dataset = PairDataset(
+        train_data,
+        family.image_transform(model, train=True, hflip=hparams["hflip"]),
+        FamilyTokenizer(family.name, tokenizer),
+        max_len=max_len,
+    )
+    global_batch = hparams["per_device_train_batch_size"] * world
+    if len(dataset) < global_batch:
+        raise ConfigError(
+            f"{train_data}: {len(dataset)} training pairs cannot fill one global batch of {global_batch} "
+            f"({hparams['per_device_train_batch_size']} per rank x {world} ranks); lower per_device_train_batch_size"
+        )
+
+    resume = None
+    if rank == 0:
+        resume = find_resumable_checkpoint(output_dir)
+        remove_incomplete_checkpoints(output_dir)
+    resume = _broadcast_from_rank0(str(resume) if resume is not None else None)
+    resume_path = Path(resume) if resume is not None else None
+
+    run_info = {
+        "world_size": world,
+        "per_device_batch_size": hparams["per_device_train_batch_size"],
+        "global_batch_size": global_batch,
+        "train_pairs": len(dataset),
+        "device": device,
+        "family": family.name,
+        "recompute": recompute,
+        "train_max_len": max_len,
+        "hparams": hparams,
+    }
+    trainer_cls = _contrastive_trainer_class()
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=PairCollator(tokenizer.pad_token_id),
+        tokenizer=tokenizer,
+        callbacks=make_callbacks(
+            output_dir / TRAIN_LOG, model_dir=model_dir, resumed_from=resume_path, run_info=run_info
+        ),
+        gather_with_grad=hparams["gather_with_grad"],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+
+    if rank == 0:
+        family.save_atomic(
+            trainer.model,
+            tokenizer,
+            final_dir,
+            extra_info={
+                "fine_tuned_from": str(model_dir),
+                "train_data": str(train_data),
+                "global_step": int(trainer.state.global_step),
+                "hparams": hparams,
+            },
+        )
+    if world > 1:
+        dist.barrier()
+    return FinetuneResult(
+        global_step=int(trainer.state.global_step),
+        resumed_from=resume,
+        final_dir=str(final_dir),
+        train_log=str(output_dir / TRAIN_LOG),
+        world_size=world,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launching
+# --------------------------------------------------------------------------------------------------
+
+
+def launch_command(
+    n_ranks: int,
+    use_gpu: bool,
+    log_dir: str | os.PathLike,
+    args: Sequence[str],
+    *,
+    python: str | None = None,
+    max_restart: int = 0,
+) -> list[str]:
+    """The ``paddle.distributed.launch`` command line that runs this module on ``n_ranks`` ranks.
+
+    ``args`` are this module's own arguments (``--model-dir ... --final-dir ...``). CPU ranks are
+    started with ``--nproc_per_node`` (gloo), GPU ranks with ``--gpus 0,..,n-1`` (indices within
+    ``CUDA_VISIBLE_DEVICES``, which schedulers such as SLURM set). ``max_restart`` defaults to 0 so a
+    failure surfaces at once; the next run resumes from the last complete checkpoint anyway.
+    """
+    if n_ranks < 1:
+        raise ValueError(f"n_ranks must be >= 1, got {n_ranks}")
+    python = python or sys.executable
+    cmd = [python, "-m", "paddle.distributed.launch", "--log_dir", os.fspath(log_dir), "--max_restart", str(max_restart)]
+    if use_gpu:
+        cmd += ["--gpus", ",".join(str(i) for i in range(n_ranks))]
+    else:
+        cmd += ["--nproc_per_node", str(n_ranks)]
+    cmd += [python, "-m", "vlretrieval.training.finetune", *map(str, args)]
+    if not use_gpu and "--device" not in args:
+        cmd += ["--device", "cpu"]
+    return cmd
+
+
+class FinetuneError(VLRetrievalError):
+    """The distributed fine-tuning job failed; the message points at the rank logs."""
+
+
+def _die_with_parent() -> None:
+    # Runs in the launcher child before exec: if the process that started it dies (even by SIGKILL),
+    # the launcher gets SIGTERM and stops its ranks instead of training on unattended.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-limit:]
+    except OSError:
+        return ""
+
+
+def launch_finetune(
+    model_dir: str | os.PathLike,
+    train_data: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    final_dir: str | os.PathLike,
+    *,
+    n_ranks: int,
+    use_gpu: bool,
+    hparams: Mapping[str, Any] | None = None,
+    train_log_copy: str | os.PathLike | None = None,
+    family_name: str | None = None,
+    max_restart: int = 0,
+) -> dict[str, Any]:
+    """Run :func:`finetune` on ``n_ranks`` ranks through ``paddle.distributed.launch`` and wait.
+
+    Hyperparameters are validated here first, so a bad config fails before any rank starts. Rank
+    logs go to ``work_dir/launch_logs/workerlog.<rank>`` (rank 0's is also echoed to stdout). SIGTERM
+    and SIGINT are forwarded to the launcher, which stops its ranks; checkpoints stay in ``work_dir``
+    and the next call resumes. On success ``train_log.jsonl`` is copied atomically to
+    ``train_log_copy`` (when given) and the final model's info is returned.
+    """
+    from ..models.base import read_model_info
+
+    resolved = resolve_hparams(hparams)
+    work_dir, final_dir = Path(work_dir), Path(final_dir)
+    log_dir = work_dir / "launch_logs"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        "--model-dir", os.fspath(model_dir), "--train-data", os.fspath(train_data),
+        "--output-dir", os.fspath(work_dir), "--final-dir", os.fspath(final_dir),
+        "--hparams-json", json.dumps(dict(hparams or {})),
+    ]
+    if family_name:
+        args += ["--family", family_name]
+    cmd = launch_command(n_ranks, use_gpu, log_dir, args, max_restart=max_restart)
+    print("+ " + " ".join(shlex.quote(part) for part in cmd), file=sys.stderr, flush=True)
+
+    proc = subprocess.Popen(cmd, env=launch_env(n_ranks, use_gpu), preexec_fn=_die_with_parent)
+    forwarded: list[int] = []
+
+    def forward(signum, _frame):
+        forwarded.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if forwarded:
+        raise FinetuneError(
+            f"fine-tuning was interrupted by signal {forwarded[0]}; checkpoints in {work_dir} are kept "
+            "and the next run resumes from the last complete one"
+        )
+    if code != 0:
+        tails = "\n".join(f"--- {p}\n{_tail(p)}" for p in sorted(log_dir.glob("workerlog.*")))
+        print(tails, file=sys.stderr, flush=True)
+        raise FinetuneError(f"fine-tuning failed (launcher exit code {code}); rank logs: {log_dir}/workerlog.*")
+    if not (final_dir / "config.json").is_file():
+        raise FinetuneError(f"{final_dir}: the launcher succeeded but wrote no fine-tuned model")
+    if train_log_copy is not None:
+        with atomic_path(train_log_copy) as tmp:
+            shutil.copyfile(work_dir / TRAIN_LOG, tmp)
+    info = read_model_info(final_dir)
+    if resolved["max_steps"] > 0 and info.get("global_step") != resolved["max_steps"]:
+        raise FinetuneError(
+            f"{final_dir}: trained to step {info.get('global_step')}, expected max_steps {resolved['max_steps']}"
+        )
+    return info
+
+
+def launch_env(n_ranks: int, use_gpu: bool, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for :func:`launch_command`: quiet glog, and on CPU the cores split between ranks."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("GLOG_v", "0")
+    env.setdefault("GLOG_minloglevel", "2")
+    if not use_gpu:
+        # Each rank would otherwise start one math thread per core and the ranks would oversubscribe.
+        threads = max(1, (os.cpu_count() or 1) // max(1, n_ranks))
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlretrieval.training.finetune",
+        description="Contrastive fine-tuning of a dual encoder (run under paddle.distributed.launch for several ranks).",
+    )
+    parser.add_argument("--model-dir", required=True, type=Path, help="initial model directory (prepare_initial_model)")
+    parser.add_argument("--train-data", required=True, type=Path, help="serialized training split (LMDB directory)")
+    parser.add_argument("--output-dir", required=True, type=Path, help="work dir: checkpoints and train_log.jsonl")
+    parser.add_argument("--final-dir", required=True, type=Path, help="where the fine-tuned model is saved")
+    parser.add_argument("--hparams-json", default=None, help="JSON object overriding DEFAULT_HPARAMS")
+    parser.add_argument("--family", default=None, help="model family (default: from the model directory)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        overrides = json.loads(args.hparams_json) if args.hparams_json else {}
+    except ValueError as exc:
+        print(f"error: --hparams-json is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(overrides, dict):
+        print("error: --hparams-json must be a JSON object", file=sys.stderr)
+        return 2
+    try:
+        result = finetune(
+            args.model_dir,
+            args.train_data,
+            args.output_dir,
+            args.final_dir,
+            hparams=overrides,
+            family_name=args.family,
+            device=args.device,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .losses import distributed_world
+
+    if distributed_world()[0] == 0:
+        print(json.dumps({"finetune": result.__dict__}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
