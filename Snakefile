@@ -18,6 +18,8 @@ validate(config, "config/schemas/config.schema.yaml", set_default=True)
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

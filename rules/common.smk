@@ -3,7 +3,7 @@ import json
 import shlex
 from pathlib import Path
 
-from vlretrieval.config import load_datasets, load_models, require
+from vlretrieval.config import evaluation_stages, load_datasets, load_models, pair_config, require
 
 def workflow_path(path):
     """Registry paths in the config are relative to the workflow's own directory."""
@@ -23,6 +23,7 @@ wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
     model="[A-Za-z0-9_]+",
     split="train|valid|test",
+    stage="zeroshot|finetuned",
 
 
 def workflow_script(name):
@@ -49,9 +50,50 @@ def generated_archive_inputs(wildcards):
     return {}
 
 
-def serialized_splits(dataset):
-    return expand("resources/{dataset}/lmdb/{split}", dataset=dataset, split=DATASETS[dataset]["splits"])
+def model_entry(wildcards):
+    """The model's registry entry with this dataset's pair_overrides applied."""
+    return pair_config(config, MODELS, wildcards.dataset, wildcards.model)
+
+
+FINETUNE_RANKS = config["finetune"]["gpus"] or config["finetune"]["cpu_ranks"]
+# On GPUs each rank drives a device and needs one core; on CPU each rank is a busy process.
+FINETUNE_THREADS = config["finetune"]["gpus"] or config["finetune"]["cpu_ranks"]
+
+
+def vocabulary_inputs(wildcards):
+    """A tiny model builds its vocabulary from the training captions; pretrained models bring theirs."""
+    if model_entry(wildcards)["init"] == "tiny":
+        return {"vocab_split": f"resources/{wildcards.dataset}/lmdb/train"}
+    return {}
+
+
+def eval_split_dir(wildcards):
+    return f"resources/{wildcards.dataset}/lmdb/{dataset_entry(wildcards)['eval_split']}"
+
+
+def stage_model_dir(wildcards):
+    name = "init" if wildcards.stage == "zeroshot" else "finetuned"
+    return f"work/{wildcards.dataset}/{wildcards.model}/models/{name}"
+
+
+def pair_stages(wildcards):
+    return evaluation_stages(dataset_entry(wildcards))
+
+
+def stage_prediction_inputs(wildcards):
+    return {
+        f"{stage}_{direction}": f"work/{wildcards.dataset}/{wildcards.model}/{stage}/predictions/{direction}_predictions.jsonl"
+        for stage in pair_stages(wildcards)
+        for direction in ("t2i", "i2t")
+    }
+
+
+def stage_prediction_args(wildcards):
+    return " ".join(
+        f"--stage {stage}=work/{wildcards.dataset}/{wildcards.model}/{stage}/predictions"
+        for stage in pair_stages(wildcards)
+    )
 
 
 def default_targets():
-    return [path for dataset in config["grid"]["datasets"] for path in serialized_splits(dataset)]
+    return expand("results/{dataset}/{model}", dataset=config["grid"]["datasets"], model=config["grid"]["models"])

@@ -48,9 +48,10 @@ class Workflow:
             "--directory", str(self.workdir),
             "--cores", "2",
         ]
+        cmd += list(args)
+        # Last, because --configfile takes every following word as another config file.
         if self.config_path.exists():
             cmd += ["--configfile", str(self.config_path)]
-        cmd += list(args)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(), timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

@@ -79,3 +79,59 @@ def test_demo_runs_through_serialization(workflow):
     # a second run has nothing to do: outputs are complete and up to date
     second = workflow.run(*targets, "-n")
     assert "Nothing to be done" in second.stdout + second.stderr
+
+
+def _brute_force_recall(predictions: dict[int, list[int]], gold: dict[int, set[int]], k: int) -> float:
+    hits = sum(1 for query, relevant in gold.items() if relevant & set(predictions[query][:k]))
+    return 100.0 * hits / len(gold)
+
+
+@pytest.mark.slow
+def test_demo_pair_end_to_end_meets_quality_bar(workflow):
+    """The default grid, as `make demo` runs it: demo_cn x ernie_vil from archive to recall."""
+    workflow.run()
+    result = workflow.workdir / "results" / "demo_cn" / "ernie_vil"
+    metrics = json.loads((result / "metrics.json").read_text(encoding="utf-8"))
+    assert (metrics["dataset"], metrics["model"], metrics["split"]) == ("demo_cn", "ernie_vil", "test")
+    assert (metrics["num_images"], metrics["num_texts"]) == (100, 500)
+    assert set(metrics["stages"]) == {"zeroshot", "finetuned"}
+
+    gold_t2i: dict[int, set[int]] = {}
+    for line in (workflow.workdir / "resources/demo_cn/lmdb/test/texts.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        gold_t2i[record["text_id"]] = set(record["image_ids"])
+    gold_i2t: dict[int, set[int]] = {}
+    for text_id, image_ids in gold_t2i.items():
+        for image_id in image_ids:
+            gold_i2t.setdefault(image_id, set()).add(text_id)
+
+    for stage, scores in metrics["stages"].items():
+        t2i = {}
+        for line in (result / stage / "t2i_predictions.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            assert len(record["image_ids"]) == 10 == len(set(record["image_ids"]))
+            t2i[record["text_id"]] = record["image_ids"]
+        i2t = {}
+        for line in (result / stage / "i2t_predictions.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            assert len(record["text_ids"]) == 10 == len(set(record["text_ids"]))
+            i2t[record["image_id"]] = record["text_ids"]
+        # metrics.json must agree with an independent recount from the prediction files
+        for direction, predictions, gold in (("text_to_image", t2i, gold_t2i), ("image_to_text", i2t, gold_i2t)):
+            for k in (1, 5, 10):
+                assert scores[direction][f"r{k}"] == pytest.approx(_brute_force_recall(predictions, gold, k))
+            expected_mean = sum(scores[direction][f"r{k}"] for k in (1, 5, 10)) / 3
+            assert scores[direction]["mean_recall"] == pytest.approx(expected_mean)
+        assert scores["mean_recall"] == pytest.approx(
+            (scores["text_to_image"]["mean_recall"] + scores["image_to_text"]["mean_recall"]) / 2
+        )
+
+    zeroshot = metrics["stages"]["zeroshot"]["mean_recall"]
+    finetuned = metrics["stages"]["finetuned"]["mean_recall"]
+    assert finetuned >= 40, metrics
+    assert finetuned >= 3 * zeroshot, metrics
+
+    steps = [json.loads(line) for line in (workflow.workdir / "work/demo_cn/ernie_vil/train_log.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in steps if row.get("event") == "train"]
+    assert len(losses) > 40 and all(loss == loss for loss in losses)  # no NaN
+    assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 1.0

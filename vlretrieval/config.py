@@ -74,3 +74,32 @@ def require(registry: dict[str, dict], name: str, kind: str) -> dict:
     except KeyError:
         known = ", ".join(sorted(registry)) or "none"
         raise ConfigError(f"unknown {kind} {name!r}; known: {known}") from None
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` updated by ``override``; nested mappings merge key by key instead of being replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def pair_config(config: dict, models: dict[str, dict], dataset: str, model: str) -> dict:
+    """The effective model entry for one (dataset, model) pair.
+
+    The registry entry, then ``pair_overrides[dataset]["*"]`` (every model on that dataset), then
+    ``pair_overrides[dataset][model]``.
+    """
+    effective = require(models, model, "model")
+    per_dataset = config.get("pair_overrides", {}).get(dataset, {})
+    for key in ("*", model):
+        effective = deep_merge(effective, per_dataset.get(key, {}))
+    return effective
+
+
+def evaluation_stages(dataset_entry: dict) -> list[str]:
+    """Stages evaluated for a dataset: fine-tuning needs a train split (COCO-CN has only test)."""
+    return ["zeroshot", "finetuned"] if "train" in dataset_entry["splits"] else ["zeroshot"]

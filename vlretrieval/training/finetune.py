@@ -71,7 +71,9 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "recompute": True,  # applied only when the family supports it
     "train_max_len": None,  # None: the family's default (32 for ERNIE-ViL)
     "hflip": True,  # reference augmentation; turn off for captions that say left/right (the demo)
-    "gather_with_grad": False,  # as the reference: gathered negatives carry no gradient
+    # The reference gathers without gradient, which makes the multi-rank gradient only an
+    # approximation of the global-batch one (and a from-scratch run stalls); with it the two are equal.
+    "gather_with_grad": True,
     "seed": 1,
     "logging_steps": 1,
     "save_steps": 500,
@@ -711,6 +713,52 @@ def _tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
+RUN_IDENTITY_FILE = "run_identity.json"
+
+
+def run_identity(model_dir: str | os.PathLike, train_data: str | os.PathLike, hparams: Mapping[str, Any],
+                 n_ranks: int) -> dict[str, Any]:
+    """What a run's checkpoints depend on: starting weights, training data, recipe and world size."""
+    from ..io import sha256_file
+
+    model_dir, train_data = Path(model_dir), Path(train_data)
+    return {
+        "weights": {p.name: sha256_file(p) for p in sorted(model_dir.glob("*.pdparams"))},
+        "train_texts": sha256_file(train_data / "texts.jsonl"),
+        "train_images": sha256_file(train_data / "imgs" / "data.mdb"),
+        "hparams": dict(sorted(hparams.items())),
+        "ranks": int(n_ranks),
+    }
+
+
+def claim_work_dir(work_dir: str | os.PathLike, identity: Mapping[str, Any]) -> bool:
+    """Make ``work_dir`` belong to the run ``identity``; returns True when checkpoints were discarded.
+
+    Checkpoints left by a run with other weights, data, hyperparameters or world size must not be
+    resumed: the result would silently mix two recipes. They are removed, with a message.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / RUN_IDENTITY_FILE
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        previous = None
+    discarded = False
+    if previous != json.loads(json.dumps(identity)):
+        stale = [p for _, p in list_checkpoints(work_dir)]
+        if stale or (work_dir / TRAIN_LOG).exists():
+            print(f"{work_dir}: checkpoints belong to a different run (weights, data, hyperparameters or "
+                  f"ranks changed); removing {len(stale)} checkpoint(s) and starting over", file=sys.stderr)
+            discarded = True
+        for checkpoint in stale:
+            shutil.rmtree(checkpoint)
+        (work_dir / TRAIN_LOG).unlink(missing_ok=True)
+        with atomic_open(path) as handle:
+            json.dump(identity, handle, indent=2, sort_keys=True)
+    return discarded
+
+
 def launch_finetune(
     model_dir: str | os.PathLike,
     train_data: str | os.PathLike,
@@ -737,7 +785,7 @@ def launch_finetune(
     resolved = resolve_hparams(hparams)
     work_dir, final_dir = Path(work_dir), Path(final_dir)
     log_dir = work_dir / "launch_logs"
-    work_dir.mkdir(parents=True, exist_ok=True)
+    claim_work_dir(work_dir, run_identity(model_dir, train_data, resolved, n_ranks))
     args = [
         "--model-dir", os.fspath(model_dir), "--train-data", os.fspath(train_data),
         "--output-dir", os.fspath(work_dir), "--final-dir", os.fspath(final_dir),
@@ -841,9 +889,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .losses import distributed_world
 
-    if distributed_world()[0] == 0:
+    rank, world_size = distributed_world()[:2]
+    if rank == 0:
         print(json.dumps({"finetune": result.__dict__}), flush=True)
+    if world_size > 1:
+        _exit_after_peers()
     return 0
+
+
+def _exit_after_peers() -> None:
+    """End a rank once every rank is done, skipping interpreter teardown.
+
+    With gloo on CPU, tearing down the communicators at interpreter exit sometimes aborts a rank
+    (SIGABRT) after its work has completed and been saved, which the launcher reports as a failed
+    job. The barrier makes sure no peer still needs this rank; then nothing is left to clean up.
+    """
+    import paddle.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

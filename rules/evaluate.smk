@@ -1,0 +1,78 @@
+# Evaluation stages: features of the evaluation split, exact top-k ranking, recall scoring.
+
+
+rule extract_features:
+    input:
+        model=stage_model_dir,
+        split=eval_split_dir,
+    output:
+        directory("work/{dataset}/{model}/{stage}/features"),
+    params:
+        script=workflow_script("extract.py"),
+        eval=lambda wildcards: quoted_json(model_entry(wildcards)["eval"]),
+    log:
+        "logs/extract_features/{dataset}/{model}/{stage}.log",
+    benchmark:
+        "benchmarks/extract_features/{dataset}/{model}/{stage}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --model-dir {input.model} --split-dir {input.split}"
+        " --eval {params.eval} --out {output} > {log} 2>&1"
+
+
+rule rank:
+    input:
+        "work/{dataset}/{model}/{stage}/features",
+    output:
+        t2i="work/{dataset}/{model}/{stage}/predictions/t2i_predictions.jsonl",
+        i2t="work/{dataset}/{model}/{stage}/predictions/i2t_predictions.jsonl",
+    params:
+        script=workflow_script("rank.py"),
+        top_k=lambda wildcards: model_entry(wildcards)["eval"]["top_k"],
+        chunk_size=lambda wildcards: model_entry(wildcards)["eval"]["chunk_size"],
+    log:
+        "logs/rank/{dataset}/{model}/{stage}.log",
+    benchmark:
+        "benchmarks/rank/{dataset}/{model}/{stage}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --image-feats {input}/images --text-feats {input}/texts"
+        " --out-t2i {output.t2i} --out-i2t {output.i2t} --top-k {params.top_k}"
+        " --chunk-size {params.chunk_size} > {log} 2>&1"
+
+
+rule score:
+    input:
+        unpack(stage_prediction_inputs),
+        split=eval_split_dir,
+    output:
+        directory("results/{dataset}/{model}"),
+    params:
+        script=workflow_script("score.py"),
+        split=lambda wildcards: dataset_entry(wildcards)["eval_split"],
+        stages=stage_prediction_args,
+        top_k=lambda wildcards: model_entry(wildcards)["eval"]["top_k"],
+    log:
+        "logs/score/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/score/{dataset}/{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --dataset {wildcards.dataset} --model {wildcards.model}"
+        " --split {params.split} --split-dir {input.split} {params.stages} --top-k {params.top_k}"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,58 @@
+# Training stages: the initial model of a pair, then distributed contrastive fine-tuning.
+
+
+rule prepare_model:
+    input:
+        unpack(vocabulary_inputs),
+    output:
+        directory("work/{dataset}/{model}/models/init"),
+    params:
+        script=workflow_script("prepare_model.py"),
+        family=lambda wildcards: model_entry(wildcards)["family"],
+        init=lambda wildcards: model_entry(wildcards)["init"],
+        # The only possible input is the split a tiny model takes its vocabulary from.
+        vocab=lambda wildcards, input: "".join(f"--vocab-split {path}" for path in input),
+    log:
+        "logs/prepare_model/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/prepare_model/{dataset}/{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --family {params.family} --init {params.init} {params.vocab}"
+        " --out {output} > {log} 2>&1"
+
+
+rule finetune:
+    input:
+        model="work/{dataset}/{model}/models/init",
+        train="resources/{dataset}/lmdb/train",
+    output:
+        model=directory("work/{dataset}/{model}/models/finetuned"),
+        train_log="work/{dataset}/{model}/train_log.jsonl",
+    params:
+        script=workflow_script("finetune.py"),
+        hparams=lambda wildcards: quoted_json(model_entry(wildcards)["train"]),
+        # Checkpoints live outside the declared outputs, so a failed or killed job keeps them and
+        # the rerun resumes instead of starting over.
+        work_dir="work/{dataset}/{model}/checkpoints",
+    log:
+        "logs/finetune/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/finetune/{dataset}/{model}.tsv"
+    threads: FINETUNE_THREADS
+    resources:
+        mem_mb=16000,
+        runtime=24 * 60,
+        gpu=config["finetune"]["gpus"],
+        ranks=FINETUNE_RANKS,
+    conda:
+        "../envs/gpu.yaml" if config["finetune"]["gpus"] else "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --model-dir {input.model} --train-data {input.train}"
+        " --work-dir {params.work_dir} --final-dir {output.model} --train-log {output.train_log}"
+        " --ranks {resources.ranks} --gpus {resources.gpu} --hparams {params.hparams} > {log} 2>&1"

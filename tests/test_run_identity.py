@@ -1,0 +1,35 @@
+"""Checkpoints of one recipe are never resumed by a run with another recipe."""
+
+from __future__ import annotations
+
+import json
+
+from vlretrieval.training.finetune import RUN_IDENTITY_FILE, TRAIN_LOG, claim_work_dir
+
+
+def _fake_checkpoint(work, step):
+    path = work / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model_state.pdparams").write_bytes(b"weights")
+    return path
+
+
+def test_same_identity_keeps_checkpoints(tmp_path):
+    identity = {"hparams": {"learning_rate": 5e-4}, "ranks": 2}
+    assert claim_work_dir(tmp_path, identity) is False
+    checkpoint = _fake_checkpoint(tmp_path, 50)
+    (tmp_path / TRAIN_LOG).write_text('{"event": "train", "step": 1}\n')
+    assert claim_work_dir(tmp_path, identity) is False
+    assert checkpoint.is_dir()
+    assert (tmp_path / TRAIN_LOG).exists()
+
+
+def test_changed_identity_discards_checkpoints_and_log(tmp_path):
+    claim_work_dir(tmp_path, {"hparams": {"learning_rate": 1e-3}, "ranks": 2})
+    old = _fake_checkpoint(tmp_path, 300)
+    (tmp_path / TRAIN_LOG).write_text('{"event": "train", "step": 300}\n')
+    new_identity = {"hparams": {"learning_rate": 5e-4}, "ranks": 2}
+    assert claim_work_dir(tmp_path, new_identity) is True
+    assert not old.exists()
+    assert not (tmp_path / TRAIN_LOG).exists()
+    assert json.loads((tmp_path / RUN_IDENTITY_FILE).read_text()) == new_identity

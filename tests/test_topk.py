@@ -1,0 +1,241 @@
+"""Exact top-k search: equal to a brute-force stable sort, ties included, for every chunk size."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from vlretrieval.errors import DataError
+from vlretrieval.retrieval.features import FeatureSet, export_reference_jsonl, l2_normalize, save_features
+from vlretrieval.retrieval.predictions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, read_predictions
+from vlretrieval.retrieval.topk import PRODUCT_ROWS, main, rank_features, select_topk, topk_search
+
+CHUNK_SIZES = (1, 7, PRODUCT_ROWS + 3, 100_000)
+
+
+def brute_force(queries: FeatureSet, gallery: FeatureSet, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(queries.vectors) @ np.asarray(gallery.vectors).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return gallery.ids[order], np.take_along_axis(scores, order, axis=1)
+
+
+def random_set(rng: np.random.Generator, n: int, dim: int, id_offset: int = 0) -> FeatureSet:
+    ids = rng.permutation(n).astype(np.int64) * 3 + id_offset  # ids unrelated to positions
+    return FeatureSet(ids, l2_normalize(rng.standard_normal((n, dim))))
+
+
+def integer_set(rng: np.random.Generator, n: int, dim: int, low: int = -2, high: int = 3) -> FeatureSet:
+    """Small integer vectors: every score is an exact small integer, so ties are everywhere."""
+    return FeatureSet(np.arange(n, dtype=np.int64) + 1000, rng.integers(low, high, size=(n, dim)).astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_queries,n_gallery,dim,k", [(1, 10, 8, 10), (37, 97, 16, 5), (601, 1003, 24, 10)])
+def test_random_matches_brute_force_for_every_chunk_size(seed, n_queries, n_gallery, dim, k):
+    rng = np.random.default_rng(seed)
+    queries, gallery = random_set(rng, n_queries, dim), random_set(rng, n_gallery, dim, id_offset=7)
+    want_ids, want_scores = brute_force(queries, gallery, k)
+    first = None
+    for chunk_size in CHUNK_SIZES:
+        query_ids, ids, scores = topk_search(queries, gallery, k, chunk_size=chunk_size)
+        assert query_ids.dtype == np.int64 and ids.dtype == np.int64 and scores.dtype == np.float32
+        assert ids.shape == scores.shape == (n_queries, k)
+        np.testing.assert_array_equal(query_ids, queries.ids)
+        np.testing.assert_array_equal(ids, want_ids)
+        # The brute force multiplies a differently shaped matrix; BLAS may round the last bit differently.
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)
+        if first is None:
+            first = (ids, scores)
+        else:
+            # Products always run on blocks of the same shape, so results are bit-identical.
+            np.testing.assert_array_equal(ids, first[0])
+            np.testing.assert_array_equal(scores, first[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("n_gallery,k", [(40, 10), (300, 10), (1003, 7), (1000, 1), (25, 25)])
+def test_integer_scores_with_many_ties(seed, n_gallery, k):
+    rng = np.random.default_rng(seed)
+    queries = integer_set(rng, 300, 4)
+    base = integer_set(rng, n_gallery, 4)
+    # Exact duplicates of gallery rows, scattered, so equal scores also come from equal vectors.
+    dup_from = rng.integers(0, n_gallery, size=n_gallery // 4)
+    dup_to = rng.choice(n_gallery, size=n_gallery // 4, replace=False)
+    vectors = base.vectors.copy()
+    vectors[dup_to] = vectors[dup_from]
+    gallery = FeatureSet(base.ids, vectors)
+    want_ids, want_scores = brute_force(queries, gallery, k)
+
+    scores_all = queries.vectors @ gallery.vectors.T
+    kth = np.sort(scores_all, axis=1)[:, ::-1][:, k - 1]
+    straddling = ((scores_all == kth[:, None]).sum(axis=1) > (want_scores == kth[:, None]).sum(axis=1))
+    if k < n_gallery:
+        assert straddling.any(), "the data must put ties across the k-th place"
+
+    for chunk_size in CHUNK_SIZES:
+        _, ids, scores = topk_search(queries, gallery, k, chunk_size=chunk_size)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_boundary_ties_pick_lowest_positions_including_tail():
+    # One dimension, query [1]: each gallery score is the gallery value itself. 1000 columns fold
+    # into 16 blocks of 62 plus a tail of 8 (positions 992..999) that no block covers.
+    values = np.zeros(1000, dtype=np.float32)
+    values[[10, 700]] = 3.0
+    values[995] = 4.0  # best item sits in the tail
+    values[[999, 3, 500, 998, 64]] = 2.0  # five tied for four places: 3, 64, 500, 998 win
+    gallery = FeatureSet(np.arange(1000, dtype=np.int64), values[:, None])
+    queries = FeatureSet(np.array([42], dtype=np.int64), np.ones((1, 1), dtype=np.float32))
+    for chunk_size in CHUNK_SIZES:
+        _, ids, scores = topk_search(queries, gallery, 7, chunk_size=chunk_size)
+        assert ids.tolist() == [[995, 10, 700, 3, 64, 500, 998]]
+        assert scores.tolist() == [[4.0, 3.0, 3.0, 2.0, 2.0, 2.0, 2.0]]
+
+
+def test_all_scores_equal_keeps_gallery_order():
+    gallery = FeatureSet(np.arange(50, dtype=np.int64)[::-1].copy(), np.zeros((50, 3), dtype=np.float32))
+    queries = FeatureSet(np.arange(3, dtype=np.int64), np.ones((3, 3), dtype=np.float32))
+    _, ids, _ = topk_search(queries, gallery, 10)
+    assert ids.tolist() == [list(range(49, 39, -1))] * 3
+
+
+def test_select_topk_matches_stable_argsort_on_random_shapes():
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n_cols = int(rng.integers(1, 120))
+        n_rows = int(rng.integers(1, 12))
+        k = int(rng.integers(1, n_cols + 1))
+        scores = rng.integers(-3, 4, size=(n_rows, n_cols)).astype(np.float32)
+        positions, values = select_topk(scores, k)
+        want = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(positions, want)
+        np.testing.assert_array_equal(values, np.take_along_axis(scores, want, axis=1))
+
+
+def test_negative_zero_ties_with_zero():
+    scores = np.array([[-0.0, 0.0, -0.0, 1.0]], dtype=np.float32)
+    positions, _ = select_topk(scores, 3)
+    assert positions.tolist() == [[3, 0, 1]]
+
+
+def test_k_larger_than_gallery_is_an_error():
+    rng = np.random.default_rng(0)
+    queries, gallery = random_set(rng, 5, 8), random_set(rng, 9, 8)
+    with pytest.raises(ValueError, match="k=10 exceeds the gallery size 9"):
+        topk_search(queries, gallery, 10)
+    _, ids, _ = topk_search(queries, gallery, 9)
+    assert sorted(ids[0].tolist()) == sorted(gallery.ids.tolist())
+
+
+@pytest.mark.parametrize("bad_k", [0, -1, True, 2.0])
+def test_invalid_k(bad_k):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        topk_search(random_set(rng, 3, 4), random_set(rng, 5, 4), bad_k)
+
+
+def test_invalid_inputs():
+    rng = np.random.default_rng(0)
+    queries, gallery = random_set(rng, 3, 4), random_set(rng, 5, 4)
+    with pytest.raises(ValueError, match="dimensions"):
+        topk_search(queries, random_set(rng, 5, 6), 2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        topk_search(queries, gallery, 2, chunk_size=0)
+    vectors = queries.vectors.copy()
+    vectors[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"query row 1 \(id=\d+\) has NaN"):
+        topk_search(FeatureSet(queries.ids, vectors), gallery, 2)
+    vectors = gallery.vectors.copy()
+    vectors[4, 0] = np.inf
+    with pytest.raises(ValueError, match="gallery row 4"):
+        topk_search(queries, FeatureSet(gallery.ids, vectors), 2)
+
+
+def test_no_queries():
+    rng = np.random.default_rng(0)
+    empty = FeatureSet(np.empty(0, dtype=np.int64), np.empty((0, 4), dtype=np.float32))
+    query_ids, ids, scores = topk_search(empty, random_set(rng, 5, 4), 3)
+    assert query_ids.shape == (0,) and ids.shape == (0, 3) and scores.shape == (0, 3)
+
+
+def test_progress_is_logged_per_chunk(caplog, capsys):
+    rng = np.random.default_rng(0)
+    with caplog.at_level(logging.INFO, logger="vlretrieval.retrieval.topk"):
+        topk_search(random_set(rng, 600, 4), random_set(rng, 20, 4), 3, chunk_size=PRODUCT_ROWS, progress=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and "600/600 queries ranked against 20" in messages[-1]
+    assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# rank_features: the drop-in replacement of the reference top-k script
+
+
+@pytest.fixture
+def feature_files(tmp_path):
+    rng = np.random.default_rng(11)
+    images = random_set(rng, 40, 16, id_offset=100_000)
+    texts = random_set(rng, 120, 16, id_offset=5)
+    paths = {
+        "img_dir": tmp_path / "image_feats",
+        "txt_dir": tmp_path / "text_feats",
+        "img_jsonl": tmp_path / "test_imgs.img_feat.jsonl",
+        "txt_jsonl": tmp_path / "test_texts.txt_feat.jsonl",
+    }
+    save_features(paths["img_dir"], images, kind="image")
+    save_features(paths["txt_dir"], texts, kind="text")
+    export_reference_jsonl(images, paths["img_jsonl"], "image")
+    export_reference_jsonl(texts, paths["txt_jsonl"], "text")
+    return images, texts, paths
+
+
+@pytest.mark.parametrize("image_key,text_key",
+                         [("img_dir", "txt_dir"), ("img_jsonl", "txt_jsonl"), ("img_dir", "txt_jsonl")])
+def test_rank_features_writes_both_directions(tmp_path, feature_files, image_key, text_key):
+    images, texts, paths = feature_files
+    out_t2i, out_i2t = tmp_path / "t2i.jsonl", tmp_path / "i2t.jsonl"
+    sizes = rank_features(paths[image_key], paths[text_key], out_t2i, out_i2t, k=10, chunk_size=7)
+    assert sizes == {"images": 40, "texts": 120, "k": 10}
+
+    want_t2i, _ = brute_force(texts, images, 10)
+    want_i2t, _ = brute_force(images, texts, 10)
+    t2i = read_predictions(out_t2i, TEXT_TO_IMAGE, k=10)
+    i2t = read_predictions(out_i2t, IMAGE_TO_TEXT, k=10)
+    assert list(t2i) == texts.ids.tolist()
+    assert [t2i[t] for t in texts.ids.tolist()] == want_t2i.tolist()
+    assert [i2t[i] for i in images.ids.tolist()] == want_i2t.tolist()
+    first = json.loads(out_t2i.read_text().splitlines()[0])
+    assert list(first) == ["text_id", "image_ids"]
+
+
+def test_rank_features_k_above_gallery_names_the_file(tmp_path, feature_files):
+    _, _, paths = feature_files
+    with pytest.raises(DataError, match="image_feats.*need at least 41 gallery items, the file has 40"):
+        rank_features(paths["img_dir"], paths["txt_dir"], tmp_path / "t2i.jsonl", None, k=41)
+    assert not (tmp_path / "t2i.jsonl").exists()
+
+
+def test_cli(tmp_path, feature_files, capsys):
+    _, _, paths = feature_files
+    out = tmp_path / "t2i.jsonl"
+    assert main(["--image-feats", str(paths["img_jsonl"]), "--text-feats", str(paths["txt_jsonl"]),
+                 "--out-t2i", str(out), "--top-k", "5"]) == 0
+    assert len(read_predictions(out, TEXT_TO_IMAGE, k=5)) == 120
+    assert main(["--image-feats", str(tmp_path / "missing"), "--text-feats", str(paths["txt_jsonl"]),
+                 "--out-i2t", str(tmp_path / "i2t.jsonl")]) == 1
+    assert "not a feature directory" in capsys.readouterr().err
+
+
+def test_select_topk_rejects_nan():
+    scores = np.zeros((2, 100), dtype=np.float32)
+    scores[1, 37] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        select_topk(scores, 3)
+    scores[1, 37] = 0.0
+    scores[0, 99] = np.nan  # in the tail no block covers
+    with pytest.raises(ValueError, match="NaN"):
+        select_topk(scores, 3)

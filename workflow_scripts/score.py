@@ -1,0 +1,36 @@
+"""Score each stage's predictions against the split's gold and write results/{dataset}/{model}/."""
+
+import argparse
+from pathlib import Path
+
+from vlretrieval.cli import run
+from vlretrieval.retrieval.evaluate import write_pair_results
+
+
+def stage_arg(text):
+    stage, sep, path = text.partition("=")
+    if not sep or not stage or not path:
+        raise ValueError("expected STAGE=PREDICTIONS_DIR")
+    return stage, Path(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--split", required=True)
+    parser.add_argument("--split-dir", type=Path, required=True, help="serialized evaluation split (holds texts.jsonl)")
+    parser.add_argument("--stage", type=stage_arg, action="append", required=True, help="STAGE=PREDICTIONS_DIR, repeated")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    metrics = write_pair_results(
+        args.out, dataset=args.dataset, model=args.model, split=args.split,
+        split_dir=args.split_dir, stage_predictions=dict(args.stage), k=args.top_k,
+    )
+    for stage, scores in metrics["stages"].items():
+        print(f"{args.dataset}/{args.model} {stage}: mean recall {scores['mean_recall']:.2f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))
