@@ -33,3 +33,20 @@ def test_changed_identity_discards_checkpoints_and_log(tmp_path):
     assert not old.exists()
     assert not (tmp_path / TRAIN_LOG).exists()
     assert json.loads((tmp_path / RUN_IDENTITY_FILE).read_text()) == new_identity
+
+
+def test_identity_ignores_run_length_but_not_the_recipe(tmp_path):
+    from vlretrieval.training.finetune import resolve_hparams, run_identity
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    model.mkdir()
+    (model / "model_state.pdparams").write_bytes(b"w")
+    (data / "texts.jsonl").write_text("{}\n")
+    (data / "imgs" / "data.mdb").write_bytes(b"db")
+    base = run_identity(model, data, resolve_hparams({"max_steps": 100}), 2)
+    assert run_identity(model, data, resolve_hparams({"max_steps": 300, "save_steps": 7}), 2) == base
+    assert run_identity(model, data, resolve_hparams({"max_steps": 100, "learning_rate": 1e-4}), 2) != base
+    assert run_identity(model, data, resolve_hparams({"max_steps": 100}), 1) != base
+    (model / "model_state.pdparams").write_bytes(b"other weights")
+    assert run_identity(model, data, resolve_hparams({"max_steps": 100}), 2) != base

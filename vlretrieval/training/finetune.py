@@ -714,11 +714,19 @@ def _tail(path: Path, limit: int = 4000) -> str:
 
 
 RUN_IDENTITY_FILE = "run_identity.json"
+# Changing how long a run lasts or how often it logs and saves continues the same run (training
+# longer is a normal reason to rerun); every other setting changes the numbers and starts over.
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers"}
+)
 
 
 def run_identity(model_dir: str | os.PathLike, train_data: str | os.PathLike, hparams: Mapping[str, Any],
                  n_ranks: int) -> dict[str, Any]:
-    """What a run's checkpoints depend on: starting weights, training data, recipe and world size."""
+    """What a run's checkpoints depend on: starting weights, training data, recipe and world size.
+
+    Keys in :data:`RESUMABLE_CHANGES` are left out, so a rerun with a longer schedule resumes.
+    """
     from ..io import sha256_file
 
     model_dir, train_data = Path(model_dir), Path(train_data)
@@ -726,7 +734,7 @@ def run_identity(model_dir: str | os.PathLike, train_data: str | os.PathLike, hp
         "weights": {p.name: sha256_file(p) for p in sorted(model_dir.glob("*.pdparams"))},
         "train_texts": sha256_file(train_data / "texts.jsonl"),
         "train_images": sha256_file(train_data / "imgs" / "data.mdb"),
-        "hparams": dict(sorted(hparams.items())),
+        "hparams": {key: value for key, value in sorted(hparams.items()) if key not in RESUMABLE_CHANGES},
         "ranks": int(n_ranks),
     }
 
