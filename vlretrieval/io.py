@@ -93,3 +93,28 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def iter_jsonl_objects(path: str | os.PathLike, *, skip_blank: bool = False, blank_hint: str = "") -> Iterator[tuple[str, int, dict]]:
+    """Yield ``(where, line_no, object)`` for each line of a JSON-lines file whose lines are objects.
+
+    ``where`` is ``path:line`` for error messages. A blank line is skipped with ``skip_blank``, else it
+    is an error (``blank_hint`` says why it matters); invalid JSON or a non-object line is an error.
+    """
+    from .errors import DataError
+
+    path = str(path)
+    with open(path, "r", encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            where = f"{path}:{line_no}"
+            if not line.strip():
+                if skip_blank:
+                    continue
+                raise DataError(where, f"blank line{blank_hint}")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(where, f"invalid JSON: {exc.msg}, column {exc.colno}") from None
+            if not isinstance(obj, dict):
+                raise DataError(where, f"expected a JSON object, found {type(obj).__name__}")
+            yield where, line_no, obj

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 
 from ..errors import DataError
-from ..io import atomic_directory, atomic_open
+from ..io import atomic_directory, atomic_open, iter_jsonl_objects
 
 FORMAT_NAME = "vlretrieval.features"
 FORMAT_VERSION = 1
@@ -242,43 +242,33 @@ def read_reference_jsonl(path: str | os.PathLike, kind: Kind) -> FeatureSet:
     rows: list[np.ndarray] = []
     seen: dict[int, int] = {}
     dim: int | None = None
-    with open(path, "r", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            where = f"{path}:{line_no}"
-            if not line.strip():
-                raise DataError(where, "blank line")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(where, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-            if not isinstance(obj, dict):
-                raise DataError(where, f"expected a JSON object, found {type(obj).__name__}")
-            item_id = obj.get(id_key)
-            if type(item_id) is not int:
-                raise DataError(where, f"{id_key} must be an integer, found {item_id!r}")
-            record = f"{id_key}={item_id}"
-            if item_id in seen:
-                raise DataError(where, f"duplicate {id_key}, first seen on line {seen[item_id]}", record)
-            seen[item_id] = line_no
-            feature = obj.get("feature")
-            if not isinstance(feature, list) or not feature:
-                raise DataError(where, "feature must be a non-empty list of numbers", record)
-            vec = np.array(feature)
-            if vec.ndim != 1 or vec.dtype.kind not in "iuf":
-                raise DataError(where, "feature must be a flat list of numbers", record)
-            if dim is None:
-                dim = vec.shape[0]
-            elif vec.shape[0] != dim:
-                raise DataError(where, f"feature has {vec.shape[0]} values, earlier lines have {dim}", record)
-            vec = vec.astype(np.float64, copy=False)
-            if not np.isfinite(vec).all():
-                raise DataError(where, "feature has NaN or infinite values", record)
-            norm = math.sqrt(float(vec @ vec))
-            if norm == 0.0 or not math.isfinite(norm):
-                raise DataError(where, "feature vector has zero (or overflowing) norm; it cannot be normalised",
-                                record)
-            rows.append((vec / norm).astype(np.float32))
-            ids.append(item_id)
+    for where, line_no, obj in iter_jsonl_objects(path):
+        item_id = obj.get(id_key)
+        if type(item_id) is not int:
+            raise DataError(where, f"{id_key} must be an integer, found {item_id!r}")
+        record = f"{id_key}={item_id}"
+        if item_id in seen:
+            raise DataError(where, f"duplicate {id_key}, first seen on line {seen[item_id]}", record)
+        seen[item_id] = line_no
+        feature = obj.get("feature")
+        if not isinstance(feature, list) or not feature:
+            raise DataError(where, "feature must be a non-empty list of numbers", record)
+        vec = np.array(feature)
+        if vec.ndim != 1 or vec.dtype.kind not in "iuf":
+            raise DataError(where, "feature must be a flat list of numbers", record)
+        if dim is None:
+            dim = vec.shape[0]
+        elif vec.shape[0] != dim:
+            raise DataError(where, f"feature has {vec.shape[0]} values, earlier lines have {dim}", record)
+        vec = vec.astype(np.float64, copy=False)
+        if not np.isfinite(vec).all():
+            raise DataError(where, "feature has NaN or infinite values", record)
+        norm = math.sqrt(float(vec @ vec))
+        if norm == 0.0 or not math.isfinite(norm):
+            raise DataError(where, "feature vector has zero (or overflowing) norm; it cannot be normalised",
+                            record)
+        rows.append((vec / norm).astype(np.float32))
+        ids.append(item_id)
     if not rows:
         raise DataError(path, "no features in file")
     return FeatureSet(np.array(ids, dtype=np.int64), np.stack(rows))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from ..io import atomic_open
+from ..io import atomic_open, iter_jsonl_objects
 
 TEXT_TO_IMAGE = "text_to_image"
 IMAGE_TO_TEXT = "image_to_text"
@@ -139,46 +139,38 @@ def _iter_prediction_lines(path: str | os.PathLike, direction: str,
         raise ValueError(f"k must be a positive integer or None, got {k!r}")
     seen: dict[int, int] = {}
     expected = None if k is None else int(k)
-    with open(path, "r", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            where = f"{path}:{line_no}"
-            if not line.strip():
-                raise DataError(where, "blank line (the reference evaluation cannot parse it)")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(where, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-            if not isinstance(obj, dict):
-                raise DataError(where, f"expected a JSON object, found {type(obj).__name__}")
-            if query_key not in obj:
-                raise DataError(where, f"missing {query_key}")
-            query_id = obj[query_key]
-            if type(query_id) is not int:
-                raise DataError(where, f"{query_key} must be an integer, found {_describe(query_id)}")
-            record = f"{query_key}={query_id}"
-            if query_id in seen:
-                raise DataError(where, f"duplicate {query_key}, first predicted on line {seen[query_id]}", record)
-            seen[query_id] = line_no
-            if result_key not in obj:
-                raise DataError(where, f"missing {result_key}", record)
-            ids = obj[result_key]
-            if not isinstance(ids, list):
-                raise DataError(where, f"{result_key} must be a list, found {_describe(ids)}", record)
-            for rank, item in enumerate(ids):
-                if type(item) is not int:
-                    raise DataError(where, f"{result_key}[{rank}] must be an integer, found {_describe(item)}",
-                                    record)
-            if expected is None:
-                if not ids:
-                    raise DataError(where, f"{result_key} is empty", record)
-                expected = len(ids)
-            if len(ids) != expected:
-                source = "" if k is not None else " (as on the first line)"
-                raise DataError(where, f"expected {expected} {result_key}{source}, found {len(ids)}", record)
-            if len(set(ids)) != len(ids):
-                repeated = next(item for i, item in enumerate(ids) if item in ids[:i])
-                raise DataError(where, f"{result_key} repeat id {repeated}", record)
-            yield line_no, query_id, ids
+    for where, line_no, obj in iter_jsonl_objects(
+        path, blank_hint=" (the reference evaluation cannot parse it)"
+    ):
+        if query_key not in obj:
+            raise DataError(where, f"missing {query_key}")
+        query_id = obj[query_key]
+        if type(query_id) is not int:
+            raise DataError(where, f"{query_key} must be an integer, found {_describe(query_id)}")
+        record = f"{query_key}={query_id}"
+        if query_id in seen:
+            raise DataError(where, f"duplicate {query_key}, first predicted on line {seen[query_id]}", record)
+        seen[query_id] = line_no
+        if result_key not in obj:
+            raise DataError(where, f"missing {result_key}", record)
+        ids = obj[result_key]
+        if not isinstance(ids, list):
+            raise DataError(where, f"{result_key} must be a list, found {_describe(ids)}", record)
+        for rank, item in enumerate(ids):
+            if type(item) is not int:
+                raise DataError(where, f"{result_key}[{rank}] must be an integer, found {_describe(item)}",
+                                record)
+        if expected is None:
+            if not ids:
+                raise DataError(where, f"{result_key} is empty", record)
+            expected = len(ids)
+        if len(ids) != expected:
+            source = "" if k is not None else " (as on the first line)"
+            raise DataError(where, f"expected {expected} {result_key}{source}, found {len(ids)}", record)
+        if len(set(ids)) != len(ids):
+            repeated = next(item for i, item in enumerate(ids) if item in ids[:i])
+            raise DataError(where, f"{result_key} repeat id {repeated}", record)
+        yield line_no, query_id, ids
 
 
 def _describe(value: Any) -> str:
@@ -242,33 +234,23 @@ def _read_gold(path: str | os.PathLike, query_key: str, result_key: str) -> dict
     path = str(path)
     gold: dict[int, set[int]] = {}
     first_line: dict[int, int] = {}
-    with open(path, "r", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(where, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-            if not isinstance(obj, dict):
-                raise DataError(where, f"expected a JSON object, found {type(obj).__name__}")
-            query_id = obj.get(query_key)
-            if type(query_id) is not int:
-                raise DataError(where, f"{query_key} must be an integer, found {_describe(query_id)}")
-            record = f"{query_key}={query_id}"
-            if query_id in gold:
-                raise DataError(where, f"duplicate {query_key}, first seen on line {first_line[query_id]}", record)
-            ids = obj.get(result_key)
-            if not isinstance(ids, list) or not ids:
-                raise DataError(where, f"{result_key} must be a non-empty list of integers, found {_describe(ids)}",
+    for where, line_no, obj in iter_jsonl_objects(path, skip_blank=True):
+        query_id = obj.get(query_key)
+        if type(query_id) is not int:
+            raise DataError(where, f"{query_key} must be an integer, found {_describe(query_id)}")
+        record = f"{query_key}={query_id}"
+        if query_id in gold:
+            raise DataError(where, f"duplicate {query_key}, first seen on line {first_line[query_id]}", record)
+        ids = obj.get(result_key)
+        if not isinstance(ids, list) or not ids:
+            raise DataError(where, f"{result_key} must be a non-empty list of integers, found {_describe(ids)}",
+                            record)
+        for rank, item in enumerate(ids):
+            if type(item) is not int:
+                raise DataError(where, f"{result_key}[{rank}] must be an integer, found {_describe(item)}",
                                 record)
-            for rank, item in enumerate(ids):
-                if type(item) is not int:
-                    raise DataError(where, f"{result_key}[{rank}] must be an integer, found {_describe(item)}",
-                                    record)
-            gold[query_id] = set(ids)
-            first_line[query_id] = line_no
+        gold[query_id] = set(ids)
+        first_line[query_id] = line_no
     if not gold:
         raise DataError(path, "no annotations in file")
     return gold
