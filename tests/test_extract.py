@@ -1,0 +1,95 @@
+"""Feature extraction from a serialized split through a saved tiny dual encoder."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import paddle
+import pytest
+
+from vlretrieval.data.demo import DemoSpec, write_demo_archive
+from vlretrieval.data.download import safe_extract
+from vlretrieval.data.lmdb_store import SplitStore, serialize_split
+from vlretrieval.retrieval.extract import extract_split, feature_paths, load_dual_encoder
+from vlretrieval.retrieval.features import load_features, read_reference_jsonl
+from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
+
+
+@pytest.fixture(scope="module")
+def split_and_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    write_demo_archive(DemoSpec(name="ex", sizes={"test": 9}, seed=5), root / "ex.zip")
+    safe_extract(root / "ex.zip", root / "raw")
+    serialize_split("raw_tsv", root / "raw", "test", root / "lmdb", entry={"format": "raw_tsv", "root": "ex"},
+                    progress=False)
+    prepare_initial_model("ernie_vil", "tiny", root / "model", vocab_texts=vocab_texts_from_split(root / "lmdb"))
+    return root / "lmdb", root / "model"
+
+
+def test_features_cover_the_split_in_store_order_and_are_normalised(split_and_model, tmp_path):
+    split, model = split_and_model
+    # batch sizes that do not divide the counts, so the last partial batch is exercised
+    summary = extract_split(model, split, tmp_path / "f", image_batch_size=4, text_batch_size=7,
+                            export_reference=True, progress=False)
+    images, texts = (load_features(p) for p in feature_paths(tmp_path / "f"))
+    with SplitStore(split) as store:
+        assert images.ids.tolist() == store.image_ids()
+        assert texts.ids.tolist() == [t.text_id for t in store.texts()]
+    assert summary["num_images"] == 9 and summary["num_texts"] == 45
+    for fs in (images, texts):
+        assert fs.vectors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(fs.vectors, axis=1), 1.0, atol=1e-5)
+    # the reference jsonl export carries the same vectors
+    exported = read_reference_jsonl(tmp_path / "f" / "imgs.img_feat.jsonl", "image")
+    np.testing.assert_array_equal(exported.ids, images.ids)
+    np.testing.assert_allclose(exported.vectors, images.vectors, atol=1e-6)
+
+
+def test_features_match_a_direct_forward_pass(split_and_model, tmp_path):
+    split, model_dir = split_and_model
+    extract_split(model_dir, split, tmp_path / "f", progress=False)
+    images, texts = (load_features(p) for p in feature_paths(tmp_path / "f"))
+    family, model, tokenizer = load_dual_encoder(model_dir)
+    transform = family.image_transform(model, train=False)
+    with SplitStore(split) as store:
+        first_image = store.open_image(store.image_ids()[0])
+        first_text = store.texts()[0].text
+    with paddle.no_grad():
+        pixels = paddle.to_tensor(transform(first_image)[None])
+        expected_image = model.encode_images(pixels).numpy()[0]
+        encoded = family.tokenize(tokenizer, [first_text], max_len=family.eval_max_len)
+        expected_text = model.encode_texts(
+            paddle.to_tensor(encoded["input_ids"]), attention_mask=paddle.to_tensor(encoded["attention_mask"])
+        ).numpy()[0]
+    np.testing.assert_allclose(images.vectors[0], expected_image, atol=1e-5)
+    np.testing.assert_allclose(texts.vectors[0], expected_text, atol=1e-5)
+
+
+def test_context_length_truncates_texts(split_and_model, tmp_path):
+    split, model_dir = split_and_model
+    extract_split(model_dir, split, tmp_path / "short", max_len=4, progress=False)
+    extract_split(model_dir, split, tmp_path / "long", max_len=64, progress=False)
+    family, model, tokenizer = load_dual_encoder(model_dir)
+    with SplitStore(split) as store:
+        captions = [t.text for t in store.texts()]
+    # Texts that share their first two characters must get identical features at length 4
+    # ([CLS] + 2 characters + [SEP]), and generally differ at full length.
+    short = load_features(feature_paths(tmp_path / "short")[1]).vectors
+    long = load_features(feature_paths(tmp_path / "long")[1]).vectors
+    prefixes = [c[:2] for c in captions]
+    same = [(i, j) for i in range(len(captions)) for j in range(i + 1, len(captions))
+            if prefixes[i] == prefixes[j] and captions[i] != captions[j]]
+    assert same, "the demo captions should share some two-character openings"
+    for i, j in same[:10]:
+        np.testing.assert_allclose(short[i], short[j], atol=1e-6)
+    assert any(not np.allclose(long[i], long[j], atol=1e-4) for i, j in same[:10])
+    encoded = family.tokenize(tokenizer, captions, max_len=4)
+    assert encoded["input_ids"].shape[1] == 4
+
+
+def test_extraction_refuses_a_directory_that_is_not_a_model(split_and_model, tmp_path):
+    split, _ = split_and_model
+    (tmp_path / "nomodel").mkdir()
+    with pytest.raises(Exception, match="not a model directory"):
+        extract_split(tmp_path / "nomodel", split, tmp_path / "f", progress=False)
+    assert not (tmp_path / "f").exists()
