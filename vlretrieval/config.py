@@ -56,10 +56,11 @@ def load_datasets(path: str | Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(
                 f"{path}: entry {name!r}: eval_split {entry['eval_split']!r} is not one of its splits {entry['splits']}"
             )
-        if entry["format"] == "coco_cn_data":
-            missing = [s for s in entry["splits"] if s not in entry["split_files"]]
+        needs = {"coco_cn_data": ("split_files",), "aic_icc": ("split_files", "image_dirs")}
+        for key in needs.get(entry["format"], ()):
+            missing = [s for s in entry["splits"] if s not in entry[key]]
             if missing:
-                raise ConfigError(f"{path}: entry {name!r}: format coco_cn_data needs split_files for {missing}")
+                raise ConfigError(f"{path}: entry {name!r}: format {entry['format']} needs {key} for {missing}")
     return registry
 
 
