@@ -31,6 +31,8 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_lmdb_build.py
 	$(BIN)/python bench/bench_topk.py
+	$(BIN)/python bench/bench_extract.py
+	$(BIN)/python bench/bench_finetune.py
 
 clean-results:
 	rm -rf results logs benchmarks

@@ -1,9 +1,25 @@
 # Shared helpers and input functions. Everything with logic lives in the vlretrieval package.
 import json
+import os
 import shlex
 from pathlib import Path
 
-from vlretrieval.config import evaluation_stages, load_datasets, load_models, pair_config, require
+from vlretrieval.config import (
+    DOWNLOAD_KEYS,
+    EXTRACTION_KEYS,
+    SOURCE_KEYS,
+    evaluation_stages,
+    load_datasets,
+    load_models,
+    pair_config,
+    require,
+    subset,
+)
+
+# Jobs import the package from this checkout, also inside the conda environments of --sdm conda,
+# which install only the pinned dependencies.
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])))
+
 
 def workflow_path(path):
     """Registry paths in the config are relative to the workflow's own directory."""
@@ -95,5 +111,39 @@ def stage_prediction_args(wildcards):
     )
 
 
+def grid_pairs():
+    return [(dataset, model) for dataset in config["grid"]["datasets"] for model in config["grid"]["models"]]
+
+
+def grid_results():
+    return [f"results/{dataset}/{model}" for dataset, model in grid_pairs()]
+
+
+def pair_figures(dataset, model):
+    figures = [f"results/figures/{dataset}/{model}/recall_at_k.png"]
+    if "finetuned" in evaluation_stages(DATASETS[dataset]):
+        figures.append(f"results/figures/{dataset}/{model}/train_loss.png")
+    return figures
+
+
+def tracking_inputs(wildcards):
+    """The fine-tuning log (when the pair fine-tunes) and the pair's Snakemake benchmark files."""
+    d, m = wildcards.dataset, wildcards.model
+    stages = pair_stages(wildcards)
+    inputs = {}
+    artifacts = [f"benchmarks/extract_features/{d}/{m}/{stage}.tsv" for stage in stages]
+    artifacts += [f"benchmarks/rank/{d}/{m}/{stage}.tsv" for stage in stages]
+    artifacts += [f"benchmarks/score/{d}/{m}.tsv", f"benchmarks/prepare_model/{d}/{m}.tsv"]
+    if "finetuned" in stages:
+        inputs["train_log"] = f"work/{d}/{m}/train_log.jsonl"
+        artifacts.append(f"benchmarks/finetune/{d}/{m}.tsv")
+    inputs["artifacts"] = artifacts
+    return inputs
+
+
 def default_targets():
-    return expand("results/{dataset}/{model}", dataset=config["grid"]["datasets"], model=config["grid"]["models"])
+    targets = grid_results() + ["results/summary.csv"]
+    for dataset, model in grid_pairs():
+        targets += pair_figures(dataset, model)
+        targets.append(f"work/{dataset}/{model}/tracking.json")
+    return targets

@@ -30,7 +30,7 @@ rule download:
         directory("resources/{dataset}/download"),
     params:
         script=workflow_script("download.py"),
-        entry=lambda wildcards: quoted_json(dataset_entry(wildcards)),
+        entry=lambda wildcards: quoted_json(subset(dataset_entry(wildcards), DOWNLOAD_KEYS)),
         timeout=config["data"]["download_timeout"],
         retries=config["data"]["download_retries"],
     log:
@@ -56,7 +56,7 @@ rule serialize:
         directory("resources/{dataset}/lmdb/{split}"),
     params:
         script=workflow_script("serialize.py"),
-        entry=lambda wildcards: quoted_json(dataset_entry(wildcards)),
+        entry=lambda wildcards: quoted_json(subset(dataset_entry(wildcards), SOURCE_KEYS)),
         on_bad_record=config["data"]["on_bad_record"],
     log:
         "logs/serialize/{dataset}/{split}.log",

@@ -9,7 +9,7 @@ rule extract_features:
         directory("work/{dataset}/{model}/{stage}/features"),
     params:
         script=workflow_script("extract.py"),
-        eval=lambda wildcards: quoted_json(model_entry(wildcards)["eval"]),
+        eval=lambda wildcards: quoted_json(subset(model_entry(wildcards)["eval"], EXTRACTION_KEYS)),
     log:
         "logs/extract_features/{dataset}/{model}/{stage}.log",
     benchmark:

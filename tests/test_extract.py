@@ -10,6 +10,7 @@ import pytest
 from vlretrieval.data.demo import DemoSpec, write_demo_archive
 from vlretrieval.data.download import safe_extract
 from vlretrieval.data.lmdb_store import SplitStore, serialize_split
+from vlretrieval.errors import ConfigError
 from vlretrieval.retrieval.extract import extract_split, feature_paths, load_dual_encoder
 from vlretrieval.retrieval.features import load_features, read_reference_jsonl
 from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
@@ -69,6 +70,8 @@ def test_context_length_truncates_texts(split_and_model, tmp_path):
     split, model_dir = split_and_model
     extract_split(model_dir, split, tmp_path / "short", max_len=4, progress=False)
     extract_split(model_dir, split, tmp_path / "long", max_len=64, progress=False)
+    with pytest.raises(ConfigError, match="exceeds"):
+        extract_split(model_dir, split, tmp_path / "too_long", max_len=65, progress=False)
     family, model, tokenizer = load_dual_encoder(model_dir)
     with SplitStore(split) as store:
         captions = [t.text for t in store.texts()]
@@ -90,6 +93,6 @@ def test_context_length_truncates_texts(split_and_model, tmp_path):
 def test_extraction_refuses_a_directory_that_is_not_a_model(split_and_model, tmp_path):
     split, _ = split_and_model
     (tmp_path / "nomodel").mkdir()
-    with pytest.raises(Exception, match="not a model directory"):
+    with pytest.raises(ConfigError, match="not a model directory"):
         extract_split(tmp_path / "nomodel", split, tmp_path / "f", progress=False)
     assert not (tmp_path / "f").exists()

@@ -104,3 +104,14 @@ def pair_config(config: dict, models: dict[str, dict], dataset: str, model: str)
 def evaluation_stages(dataset_entry: dict) -> list[str]:
     """Stages evaluated for a dataset: fine-tuning needs a train split (COCO-CN has only test)."""
     return ["zeroshot", "finetuned"] if "train" in dataset_entry["splits"] else ["zeroshot"]
+
+
+# The registry keys each data step reads. Rules pass only these, so editing a description or the
+# evaluation split does not rerun a download or a serialization.
+DOWNLOAD_KEYS = ("files",)
+SOURCE_KEYS = ("format", "root", "split_files", "image_dirs", "max_lines")
+EXTRACTION_KEYS = ("max_len", "image_batch_size", "text_batch_size")
+
+
+def subset(entry: dict, keys: tuple[str, ...]) -> dict:
+    return {key: entry[key] for key in keys if key in entry}

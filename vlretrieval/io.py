@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,12 +65,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_abandoned_staging(path)
+    prefix = f".{path.name}.{_owner_tag()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=path.parent))
             os.replace(path, old / "replaced")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -77,6 +81,42 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_abandoned_staging(path: str | os.PathLike) -> list[Path]:
+    """Delete staging directories of ``path`` left by a killed process of this host.
+
+    A SIGKILL skips every cleanup, and a staging directory can hold gigabytes (a serialized split).
+    Only directories whose owning process no longer exists on this host are removed, so a writer on
+    another node of a shared filesystem is never disturbed.
+    """
+    path = Path(path)
+    host = socket.gethostname()
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        owner = candidate.name[len(path.name) + 2:].split(".", 1)[0]
+        owner_host, _, pid = owner.rpartition("-")
+        if candidate.suffix not in (".tmp", ".old") or owner_host != host or not pid.isdigit():
+            continue
+        if _process_exists(int(pid)):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

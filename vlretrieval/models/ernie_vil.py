@@ -248,6 +248,7 @@ class ErnieViLFamily(ModelFamily):
                 "vocab_size": int(model.config.text_config.vocab_size),
                 "train_max_len": self.train_max_len,
                 "eval_max_len": min(self.eval_max_len, int(model.config.text_config.max_position_embeddings)),
+                "max_text_len": int(model.config.text_config.max_position_embeddings),
                 **(extra_info or {}),
             },
         )

@@ -77,8 +77,15 @@ def extract_split(
     """
     from ..training.data import FamilyTokenizer, image_loader, text_loader
 
+    from ..models.base import read_model_info
+
     family, model, tokenizer = load_dual_encoder(model_dir)
-    max_len = int(max_len or family.eval_max_len)
+    info = read_model_info(model_dir)
+    # eval_max_len is the family's default clamped to the model's position table (max_text_len).
+    max_len = int(max_len or info.get("eval_max_len") or family.eval_max_len)
+    longest = info.get("max_text_len")
+    if longest is not None and max_len > int(longest):
+        raise ConfigError(f"{model_dir}: context length {max_len} exceeds the model's limit of {longest} tokens")
     transform = family.image_transform(model, train=False)
 
     started = time.perf_counter()

@@ -221,11 +221,20 @@ def read_train_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def truncate_train_log(path: str | os.PathLike, last_step: int) -> None:
-    """Keep only the records at or before ``last_step`` (atomically), so resumed steps are not duplicated."""
+    """Keep the steps up to ``last_step`` (atomically), so resumed steps are not logged twice.
+
+    Other events (start, resume, end) are kept only before ``last_step``: the run that resumes there
+    writes its own, and an earlier attempt's events at that step would appear twice.
+    """
     path = Path(path)
     if not path.exists():
         return
-    kept = [r for r in read_train_log(path) if int(r.get("step", 0)) <= last_step]
+
+    def keep(record: dict) -> bool:
+        step = int(record.get("step", 0))
+        return step <= last_step if record.get("event") == "train" else step < last_step
+
+    kept = [r for r in read_train_log(path) if keep(r)]
     with atomic_open(path) as handle:
         for record in kept:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -714,18 +723,17 @@ def _tail(path: Path, limit: int = 4000) -> str:
 
 
 RUN_IDENTITY_FILE = "run_identity.json"
-# Changing how long a run lasts or how often it logs and saves continues the same run (training
-# longer is a normal reason to rerun); every other setting changes the numbers and starts over.
-RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers"}
-)
+# How often a run logs and saves, and how it loads data, do not change its numbers, so a rerun that
+# changes only these resumes. The schedule length does change them (the cosine decay spans the whole
+# run), so it belongs to the identity like every other setting.
+RESUMABLE_CHANGES = frozenset({"logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers"})
 
 
 def run_identity(model_dir: str | os.PathLike, train_data: str | os.PathLike, hparams: Mapping[str, Any],
                  n_ranks: int) -> dict[str, Any]:
     """What a run's checkpoints depend on: starting weights, training data, recipe and world size.
 
-    Keys in :data:`RESUMABLE_CHANGES` are left out, so a rerun with a longer schedule resumes.
+    Keys in :data:`RESUMABLE_CHANGES` are left out: changing them resumes the same run.
     """
     from ..io import sha256_file
 
@@ -846,10 +854,21 @@ def launch_env(n_ranks: int, use_gpu: bool, base: Mapping[str, str] | None = Non
     env.setdefault("GLOG_v", "0")
     env.setdefault("GLOG_minloglevel", "2")
     if not use_gpu:
-        # Each rank would otherwise start one math thread per core and the ranks would oversubscribe.
-        threads = max(1, (os.cpu_count() or 1) // max(1, n_ranks))
-        env.setdefault("OMP_NUM_THREADS", str(threads))
+        # The job's thread budget (Snakemake exports OMP_NUM_THREADS=threads to every job) is split
+        # between the ranks; left as it is, each rank would take the whole budget and they would
+        # oversubscribe the cores.
+        budget = _int_or_none(env.get("OMP_NUM_THREADS")) or len(os.sched_getaffinity(0)) or 1
+        per_rank = str(max(1, budget // max(1, n_ranks)))
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = per_rank
     return env
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+# Leaderboard and figures for `snakemake --report report.html`.
+
+
+report: "../report/workflow.rst"
+
+
+rule leaderboard:
+    input:
+        grid_results(),
+        reported=workflow_path("config/reported.yaml"),
+    output:
+        csv=report("results/summary.csv", caption="../report/leaderboard.rst", category="Leaderboard"),
+        md="results/summary.md",
+    params:
+        script=workflow_script("leaderboard.py"),
+    log:
+        "logs/leaderboard.log",
+    benchmark:
+        "benchmarks/leaderboard.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --results-dir results --reported {input.reported}"
+        " --csv {output.csv} --md {output.md} > {log} 2>&1"
+
+
+rule recall_curves:
+    input:
+        results="results/{dataset}/{model}",
+        split=eval_split_dir,
+    output:
+        report(
+            "results/figures/{dataset}/{model}/recall_at_k.png",
+            caption="../report/recall_curves.rst",
+            category="Recall@k",
+            subcategory="{dataset} / {model}",
+        ),
+    params:
+        script=workflow_script("plot_recall.py"),
+    log:
+        "logs/recall_curves/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/recall_curves/{dataset}/{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --results {input.results} --gold {input.split}/texts.jsonl"
+        " --title '{wildcards.dataset} / {wildcards.model}' --out {output} > {log} 2>&1"
+
+
+rule loss_curve:
+    input:
+        "work/{dataset}/{model}/train_log.jsonl",
+    output:
+        report(
+            "results/figures/{dataset}/{model}/train_loss.png",
+            caption="../report/loss_curve.rst",
+            category="Training",
+            subcategory="{dataset} / {model}",
+        ),
+    params:
+        script=workflow_script("plot_loss.py"),
+    log:
+        "logs/loss_curve/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/loss_curve/{dataset}/{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --train-log {input} --title '{wildcards.dataset} / {wildcards.model}'"
+        " --out {output} > {log} 2>&1"

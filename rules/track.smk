@@ -1,0 +1,37 @@
+# Tracking: one MLflow parent run per pair with a nested run per stage.
+
+
+rule track:
+    input:
+        unpack(tracking_inputs),
+        results="results/{dataset}/{model}",
+        download="resources/{dataset}/download",
+        split=eval_split_dir,
+    output:
+        "work/{dataset}/{model}/tracking.json",
+    params:
+        script=workflow_script("track.py"),
+        uri=config["tracking"]["uri"],
+        experiment=config["tracking"]["experiment"],
+        pair_config=lambda wildcards: quoted_json(
+            {"dataset": dataset_entry(wildcards), "model": model_entry(wildcards), "finetune": config["finetune"]}
+        ),
+        repo=workflow.basedir,
+        train_log=lambda wildcards, input: f"--train-log {input.train_log}" if "train_log" in input.keys() else "",
+        artifacts=lambda wildcards, input: " ".join(input.artifacts) if "artifacts" in input.keys() else "",
+    log:
+        "logs/track/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/track/{dataset}/{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --uri '{params.uri}' --experiment {params.experiment}"
+        " --dataset {wildcards.dataset} --model {wildcards.model} --results {input.results}"
+        " --download {input.download} --validation-report {input.split}/validation_report.json"
+        " --pair-config {params.pair_config} --repo {params.repo} {params.train_log}"
+        " --artifacts {params.artifacts} --out {output} > {log} 2>&1"

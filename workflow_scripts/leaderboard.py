@@ -1,0 +1,23 @@
+"""Write results/summary.csv and results/summary.md from every metrics.json present."""
+
+import argparse
+from pathlib import Path
+
+from vlretrieval.cli import run
+from vlretrieval.tracking.leaderboard import find_metrics, leaderboard_rows, load_reported, write_leaderboard
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results-dir", type=Path, required=True)
+    parser.add_argument("--reported", type=Path, required=True, help="numbers reported elsewhere (YAML)")
+    parser.add_argument("--csv", type=Path, required=True)
+    parser.add_argument("--md", type=Path, required=True)
+    args = parser.parse_args(argv)
+    rows = leaderboard_rows(find_metrics(args.results_dir), load_reported(args.reported))
+    write_leaderboard(rows, args.csv, args.md)
+    print(f"{len(rows)} rows")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

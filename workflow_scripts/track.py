@@ -1,0 +1,45 @@
+"""Log one pair's runs (parent, fine-tuning, each evaluated stage) to MLflow; idempotent."""
+
+import argparse
+from pathlib import Path
+
+from vlretrieval.cli import json_arg, run
+from vlretrieval.io import write_json
+from vlretrieval.tracking.mlflow_tracking import resolve_tracking_uri, track_pair
+from vlretrieval.tracking.provenance import config_hash, dataset_checksum, git_commit
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--uri", required=True, help="tracking URI from config (MLFLOW_TRACKING_URI overrides it)")
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--results", type=Path, required=True, help="results/{dataset}/{model}")
+    parser.add_argument("--download", type=Path, required=True, help="the dataset's download directory")
+    parser.add_argument("--validation-report", type=Path, required=True)
+    parser.add_argument("--pair-config", type=json_arg, required=True, help="effective dataset and model config (JSON)")
+    parser.add_argument("--repo", type=Path, required=True, help="the workflow's directory, for its git commit")
+    parser.add_argument("--train-log", type=Path)
+    parser.add_argument("--artifacts", type=Path, nargs="*", default=[])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    runs = track_pair(
+        tracking_uri=resolve_tracking_uri(args.uri, Path.cwd()),
+        experiment=args.experiment,
+        dataset=args.dataset,
+        model=args.model,
+        results_dir=args.results,
+        params=args.pair_config,
+        config_hash=config_hash(args.pair_config),
+        git_commit=git_commit(args.repo),
+        dataset_checksum=dataset_checksum(args.download),
+        train_log=args.train_log,
+        validation_report=args.validation_report,
+        artifact_files=args.artifacts,
+    )
+    write_json(args.out, runs)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))
