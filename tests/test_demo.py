@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import re
+import subprocess
+import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -16,8 +18,10 @@ import yaml
 from PIL import Image
 
 from vlretrieval.data import demo
-from vlretrieval.data.demo import DemoSpec, DemoSpecError, generate_samples, main, write_demo_archive
+from vlretrieval.data.demo import DemoSpec, DemoSpecError, generate_samples, write_demo_archive
 from vlretrieval.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")
@@ -351,26 +355,29 @@ def test_smallest_image_size_draws(tmp_path):
 # ------------------------------------------------------------------------------- command line
 
 
-def test_cli_writes_the_same_archive_as_the_api(tmp_path, capsys):
+def test_workflow_script_writes_the_same_archive_as_the_api(tmp_path):
     out = tmp_path / "out" / "mini.zip"
-    argv = ["--name", "mini", "--seed", "4", "--sizes", "train=12,valid=3,test=3", "--image-size", "48"]
-    assert main([*argv, "--captions-per-image", "2", "--out", str(out)]) == 0
-    digest = capsys.readouterr().out.split()[0]
-    spec = DemoSpec(name="mini", seed=4, sizes={"train": 12, "valid": 3, "test": 3}, image_size=48, captions_per_image=2)
-    assert write_demo_archive(spec, tmp_path / "api.zip") == digest
+    generator = {"seed": 4, "sizes": {"train": 12, "valid": 3, "test": 3}, "image_size": 48, "captions_per_image": 2}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "workflow_scripts" / "make_demo.py"), "--name", "mini",
+         "--generator", json.dumps(generator), "--out", str(out)],
+        capture_output=True, text=True, check=True,
+    )
+    spec = DemoSpec.from_config("mini", generator)
+    digest = write_demo_archive(spec, tmp_path / "api.zip")
+    assert digest in proc.stdout
     assert out.read_bytes() == (tmp_path / "api.zip").read_bytes()
     with zipfile.ZipFile(out) as zf:
         assert zf.namelist()[0] == "mini/"
         assert len(zf.read("mini/valid_texts.jsonl").decode().splitlines()) == 6
 
 
-@pytest.mark.parametrize(
-    ("sizes", "message"),
-    [("train=-5", "must not be negative"), ("train", "expected split=count"), ("train=x", "expected an integer")],
-)
-def test_cli_reports_bad_sizes(tmp_path, capsys, sizes, message):
-    with pytest.raises(SystemExit) as excinfo:
-        main(["--sizes", sizes, "--out", str(tmp_path / "x.zip")])
-    assert excinfo.value.code == 2
-    assert message in capsys.readouterr().err
+def test_workflow_script_reports_a_bad_generator_block(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "workflow_scripts" / "make_demo.py"), "--name", "bad",
+         "--generator", json.dumps({"sizes": {"train": -5}}), "--out", str(tmp_path / "x.zip")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert "negative" in proc.stderr
     assert not (tmp_path / "x.zip").exists()

@@ -65,17 +65,22 @@ def test_demo_runs_through_serialization(workflow):
     workflow.run(*targets)
     root = workflow.workdir / "resources" / "demo_tiny"
     manifest = json.loads((root / "download" / "MANIFEST.json").read_text(encoding="utf-8"))
-    assert manifest, "download wrote an empty manifest"
+    archive = workflow.workdir / "resources" / "sources" / "demo_tiny.zip"
+    sidecar = (workflow.workdir / "resources" / "sources" / "demo_tiny.zip.sha256").read_text().split()[0]
+    assert [(f["filename"], f["sha256"], f["size"]) for f in manifest["files"]] == [
+        ("demo_tiny.zip", sidecar, archive.stat().st_size)
+    ]
     for split, n_images in sizes.items():
         with SplitStore(root / "lmdb" / split) as store:
             assert store.num_images == n_images
-            assert store.num_texts >= 5 * n_images
+            assert store.num_texts == 5 * n_images
             texts = store.texts()
             assert all(t.text.strip() and t.image_ids for t in texts)
             assert set(i for t in texts for i in t.image_ids) == set(store.image_ids())
             assert store.open_image(store.image_ids()[0]).size == (64, 64)
         report = json.loads((root / "lmdb" / split / "validation_report.json").read_text(encoding="utf-8"))
-        assert report  # the report exists for every split, even when nothing was skipped
+        assert report["counts"]["images"]["kept"] == n_images and report["counts"]["images"]["skipped"] == 0
+        assert report["counts"]["texts"]["kept"] == 5 * n_images and report["skipped"] == []
     # a second run has nothing to do: outputs are complete and up to date
     second = workflow.run(*targets, "-n")
     assert "Nothing to be done" in second.stdout + second.stderr

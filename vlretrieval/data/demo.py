@@ -24,7 +24,6 @@ and are written in a fixed order, and PNGs are encoded with fixed settings.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import itertools
@@ -32,7 +31,6 @@ import json
 import math
 import numbers
 import re
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -656,61 +654,3 @@ def write_demo_archive(spec: DemoSpec, out_zip: str | Path) -> str:
     with atomic_open(out_zip.with_name(out_zip.name + ".sha256")) as handle:
         handle.write(f"{digest}  {out_zip.name}\n")
     return digest
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def parse_sizes(text: str) -> dict[str, int]:
-    """Parse ``train=1000,valid=100,test=100`` into a dict (validation happens in DemoSpec)."""
-    sizes: dict[str, int] = {}
-    for item in text.split(","):
-        split, sep, count = item.partition("=")
-        split, count = split.strip(), count.strip()
-        if not sep or not split:
-            raise DemoSpecError(f"invalid sizes item {item!r}: expected split=count")
-        if split in sizes:
-            raise DemoSpecError(f"split {split!r} is given more than once")
-        try:
-            sizes[split] = int(count)
-        except ValueError:
-            raise DemoSpecError(f"invalid size {count!r} for split {split!r}: expected an integer") from None
-    return sizes
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vlretrieval.data.demo",
-        description="Generate the deterministic offline demo dataset (coloured shapes with Chinese captions).",
-    )
-    defaults = DemoSpec()
-    parser.add_argument("--name", default=defaults.name, help="dataset name, also the zip's top folder")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument(
-        "--sizes",
-        default=",".join(f"{split}={count}" for split, count in defaults.sizes.items()),
-        help="images per split, e.g. train=1000,valid=100,test=100",
-    )
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="side of the square images in px")
-    parser.add_argument("--captions-per-image", type=int, default=defaults.captions_per_image)
-    parser.add_argument("--out", required=True, type=Path, help="zip to write; a .sha256 file is written beside it")
-    args = parser.parse_args(argv)
-    try:
-        spec = DemoSpec(
-            name=args.name,
-            seed=args.seed,
-            sizes=parse_sizes(args.sizes),
-            image_size=args.image_size,
-            captions_per_image=args.captions_per_image,
-        )
-    except DemoSpecError as exc:
-        parser.error(str(exc))
-    digest = write_demo_archive(spec, args.out)
-    print(f"{digest}  {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -359,8 +359,6 @@ def _contrastive_trainer_class():
     import paddle
     from paddlenlp.trainer import Trainer
 
-    from .losses import clip_contrastive_loss
-
     class ContrastiveTrainer(Trainer):
         """Trainer whose loss is our CLIP loss with cross-batch negatives over all ranks.
 
@@ -375,12 +373,8 @@ def _contrastive_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False):
             output = model(**inputs)
-            loss = clip_contrastive_loss(
-                output.image_features,
-                output.text_features,
-                output.logit_scale,
-                gather_with_grad=self.gather_with_grad,
-            )
+            # The family's own loss (self.model is the unwrapped model; `model` may be DataParallel).
+            loss = self.model.contrastive_loss(output, gather_with_grad=self.gather_with_grad)
             return (loss, output) if return_outputs else loss
 
         def create_optimizer(self, lr_scheduler=None):
