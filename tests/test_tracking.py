@@ -257,6 +257,47 @@ def test_bad_inputs_fail_before_the_store_is_touched(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_sqlite_lock_errors_are_retried_per_call(tmp_path, caplog):
+    import sqlite3
+    import threading
+
+    import sqlalchemy
+
+    from vlretrieval.tracking.mlflow_tracking import _Store
+
+    # MLflow's own sessions wait 20 s on a lock before failing; a zero busy timeout here reaches the
+    # same "database is locked" error at once, so the retry loop around each call can be seen working.
+    db = tmp_path / "locked.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}", connect_args={"timeout": 0})
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("CREATE TABLE t (x INTEGER)"))
+
+    def insert() -> int:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
+        return 1
+
+    store = _Store("http://127.0.0.1:9", retries=8, results_dir=tmp_path)
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(0.5, holder.rollback)
+    release.start()
+    with caplog.at_level("INFO", logger="vlretrieval.tracking.mlflow_tracking"):
+        assert store.call("insert a row", insert) == 1
+    release.join()
+    assert any("SQLite busy" in r.getMessage() for r in caplog.records)
+
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(TrackingError, match="database is locked") as caught:
+            _Store("http://127.0.0.1:9", retries=2, results_dir=tmp_path).call("insert a row", insert)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert "re-running the track rule" in str(caught.value)
+    engine.dispose()
+
+
 CHILD = r"""
 import json, sys, time
 from pathlib import Path

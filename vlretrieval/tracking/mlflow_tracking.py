@@ -410,7 +410,11 @@ def _store_errors() -> tuple[type[BaseException], ...]:
 
 
 class _Store:
-    """An MlflowClient whose every call is retried on SQLite lock contention."""
+    """An MlflowClient whose every call is retried on SQLite lock contention.
+
+    MLflow's SQLite sessions already wait up to 20 s for a lock before failing; the retries here carry
+    a job through longer contention, such as many pairs finishing at once.
+    """
 
     def __init__(self, uri: str, *, retries: int, results_dir: Path):
         self.uri = uri
@@ -724,7 +728,7 @@ def track_pair(
                 runs[stage] = run.info.run_id
 
             tracker.finish([*runs.values(), parent_id])
-        except BaseException:
+        except Exception:
             tracker.mark_failed()
             raise
     where = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent_id}" if http else tracking_uri
