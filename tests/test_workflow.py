@@ -140,3 +140,39 @@ def test_demo_pair_end_to_end_meets_quality_bar(workflow):
     losses = [row["loss"] for row in steps if row.get("event") == "train"]
     assert len(losses) > 40 and all(loss == loss for loss in losses)  # no NaN
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 1.0
+
+    # Tracking: the pair's runs in the SQLite store carry exactly the metrics.json values.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workflow.workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vlretrieval")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.data.tags["stage"] for run in runs) == ["finetune", "finetuned", "pair", "zeroshot"]
+    for run in runs:
+        stage = run.data.tags["stage"]
+        if stage in metrics["stages"]:
+            scores = metrics["stages"][stage]
+            assert run.data.metrics["t2i_r1"] == scores["text_to_image"]["r1"]
+            assert run.data.metrics["i2t_mean_recall"] == scores["image_to_text"]["mean_recall"]
+            assert run.data.metrics["mean_recall"] == scores["mean_recall"]
+    finetune_run = next(run for run in runs if run.data.tags["stage"] == "finetune")
+    assert len(client.get_metric_history(finetune_run.info.run_id, "train_loss")) == len(losses)
+
+    # Re-running tracking updates the same runs.
+    workflow.run("-R", "track")
+    assert len(client.search_runs([experiment.experiment_id])) == 4
+
+    # Leaderboard rows and report figures.
+    summary = (workflow.workdir / "results" / "summary.csv").read_text(encoding="utf-8").splitlines()
+    header = summary[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in summary[1:]]
+    assert [(r["dataset"], r["model"], r["stage"]) for r in rows] == [
+        ("demo_cn", "ernie_vil", "zeroshot"), ("demo_cn", "ernie_vil", "finetuned")
+    ]
+    for row in rows:
+        assert float(row["mean_recall"]) == pytest.approx(metrics["stages"][row["stage"]]["mean_recall"], abs=1e-4)
+    for figure in ("recall_at_k.png", "train_loss.png"):
+        assert (workflow.workdir / "results" / "figures" / "demo_cn" / "ernie_vil" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    workflow.run("--report", "report.html")
+    html = (workflow.workdir / "report.html").read_text(encoding="utf-8", errors="replace")
+    assert "recall_at_k.png" in html and "train_loss.png" in html and "summary.csv" in html
