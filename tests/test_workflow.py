@@ -33,10 +33,12 @@ def _job_counts(out: str) -> dict[str, int]:
 def test_default_dag_plans_every_stage(workflow):
     counts = _job_counts(workflow.run("-n", "--quiet", "rules").stdout)
     # demo_cn x ernie_vil: the train split for fine-tuning, the test split for evaluation, and
-    # two evaluated stages (zero-shot and fine-tuned), each extracted and ranked.
+    # two evaluated stages (zero-shot and fine-tuned), each extracted and ranked; then tracking,
+    # the leaderboard and the report's figures.
     assert counts == {
         "demo_archive": 1, "download": 1, "serialize": 2, "prepare_model": 1, "finetune": 1,
-        "extract_features": 2, "rank": 2, "score": 1, "all": 1,
+        "extract_features": 2, "rank": 2, "score": 1, "track": 1, "leaderboard": 1,
+        "recall_curves": 1, "loss_curve": 1, "all": 1,
     }
 
 
