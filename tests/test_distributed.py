@@ -23,12 +23,17 @@ N_RANKS = 2
 GLOBAL_BATCH = 8
 
 
-def _rank_main(argv: list[str]) -> int:
+def _rank_main(argv: list[str]) -> None:
     import paddle
     import paddle.distributed as dist
 
     from vlretrieval.models.registry import get_family
-    from vlretrieval.training.losses import UnequalBatchError, clip_contrastive_loss, clip_loss_from_logits
+    from vlretrieval.training.losses import (
+        UnequalBatchError,
+        clip_contrastive_loss,
+        clip_loss_from_logits,
+        exit_after_peers,
+    )
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
@@ -79,11 +84,11 @@ def _rank_main(argv: list[str]) -> int:
 
     with open(out / f"rank{rank}.json", "w", encoding="utf-8") as handle:
         json.dump(result, handle)
-    return 0
+    exit_after_peers()
 
 
 if __name__ == "__main__":
-    sys.exit(_rank_main(sys.argv[1:]))
+    _rank_main(sys.argv[1:])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -908,29 +908,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .losses import distributed_world
+    from .losses import distributed_world, exit_after_peers
 
-    rank, world_size = distributed_world()[:2]
+    rank, world_size = distributed_world()
     if rank == 0:
         print(json.dumps({"finetune": result.__dict__}), flush=True)
     if world_size > 1:
-        _exit_after_peers()
+        exit_after_peers()
     return 0
-
-
-def _exit_after_peers() -> None:
-    """End a rank once every rank is done, skipping interpreter teardown.
-
-    With gloo on CPU, tearing down the communicators at interpreter exit sometimes aborts a rank
-    (SIGABRT) after its work has completed and been saved, which the launcher reports as a failed
-    job. The barrier makes sure no peer still needs this rank; then nothing is left to clean up.
-    """
-    import paddle.distributed as dist
-
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
