@@ -31,7 +31,6 @@ from vlretrieval.training.data import (
     text_loader,
 )
 from vlretrieval.training.finetune import (
-    CHECKPOINT_MARKER,
     TRAIN_LOG,
     FinetuneError,
     find_resumable_checkpoint,

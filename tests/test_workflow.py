@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import pytest
-import yaml
 
 from vlretrieval.data.lmdb_store import SplitStore
 

@@ -237,26 +237,13 @@ def read_training(train_log: Path) -> TrainingRecord:
     speeds: list[float] = []
     end: dict[str, Any] | None = None
     duplicates = 0
+    from ..training.finetune import iter_train_log
+
     try:
-        handle = open(train_log, "r", encoding="utf-8")
+        entries = list(iter_train_log(train_log, strict=True))
     except FileNotFoundError:
         raise DataError(where, "training log not found; the finetune rule writes it") from None
-    with handle:
-        lines = handle.readlines()
-    for line_no, line in enumerate(lines, start=1):
-        line_where = f"{where}:{line_no}"
-        if not line.strip():
-            continue
-        if not line.endswith("\n") and line_no == len(lines):
-            # The trainer appends one line at a time; a kill can leave the last one unfinished.
-            _logger.warning("%s: last line is incomplete (a killed writer); it is not tracked", line_where)
-            break
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(line_where, f"invalid JSON: {exc.msg}, column {exc.colno}") from None
-        if not isinstance(obj, dict):
-            raise DataError(line_where, f"expected a JSON object, found {type(obj).__name__}")
+    for line_where, obj in entries:
         event = obj.get("event")
         if event == "end":
             end = obj

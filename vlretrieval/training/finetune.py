@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shlex
@@ -49,10 +50,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import ConfigError, VLRetrievalError
 from ..io import atomic_directory, atomic_open, atomic_path
+
+_log = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT_MARKER = "vlretrieval_checkpoint.json"
@@ -203,21 +206,43 @@ def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 # --------------------------------------------------------------------------------------------------
 
 
+def iter_train_log(path: str | os.PathLike, *, strict: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("path:line", record)`` for each record of a ``train_log.jsonl``.
+
+    The log is appended one line at a time, so a kill can leave the last line unfinished; that line is
+    skipped. Any other line that is not a JSON object raises :class:`DataError` with ``strict`` and is
+    skipped otherwise. A missing file raises ``FileNotFoundError``.
+    """
+    from ..errors import DataError
+
+    with open(path, "r", encoding="utf-8") as handle:
+        lines = handle.readlines()
+    for line_no, line in enumerate(lines, start=1):
+        where = f"{path}:{line_no}"
+        if not line.endswith("\n") and line_no == len(lines):
+            _log.warning("%s: last line is incomplete (a killed writer); it is skipped", where)
+            break
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            record, problem = None, f"invalid JSON: {exc}"
+        else:
+            problem = None if isinstance(record, dict) else f"expected a JSON object, found {type(record).__name__}"
+        if problem is not None:
+            if strict:
+                raise DataError(where, problem)
+            continue
+        yield where, record
+
+
 def read_train_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete JSON line of a ``train_log.jsonl``; a line cut off by a kill is skipped."""
-    records = []
+    """Every readable record of a ``train_log.jsonl`` (none when the file does not exist yet)."""
     try:
-        with open(path, "r", encoding="utf-8") as handle:
-            for line in handle:
-                if not line.endswith("\n"):
-                    break
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
+        return [record for _, record in iter_train_log(path)]
     except FileNotFoundError:
-        pass
-    return records
+        return []
 
 
 def truncate_train_log(path: str | os.PathLike, last_step: int) -> None:
