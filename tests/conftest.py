@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -75,3 +78,13 @@ def tiny_demo_entry(sizes: dict[str, int], name: str = "demo_tiny") -> dict:
         "generator": {"seed": 3, "image_size": 64, "captions_per_image": 5, "sizes": sizes},
         "files": [{"url": f"resources/sources/{name}.zip", "sha256_file": f"resources/sources/{name}.zip.sha256"}],
     }
+
+
+def make_image(fmt: str, size: tuple[int, int], seed: int) -> bytes:
+    """Encoded bytes of a seeded noise image, so every test image is distinct and reproducible."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", size)
+    image.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(size[0] * size[1])])
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()

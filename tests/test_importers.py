@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 import pickle
-import random
 from collections import OrderedDict
 from pathlib import Path
 
 import lmdb
 import pytest
-from PIL import Image
 
 from vlretrieval.data.importers import (
     SOURCE_FORMATS,
@@ -23,14 +20,7 @@ from vlretrieval.data.importers import (
 from vlretrieval.data.lmdb_store import PairRecord, SplitStore, TextRecord, serialize_split
 from vlretrieval.errors import ConfigError, DataError
 
-
-def make_image(fmt: str, size: tuple[int, int], seed: int) -> bytes:
-    rng = random.Random(seed)
-    image = Image.new("RGB", size)
-    image.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(size[0] * size[1])])
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
+from .conftest import make_image
 
 
 def b64(data: bytes) -> str:

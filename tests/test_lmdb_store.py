@@ -19,16 +19,9 @@ from vlretrieval.data.importers import RawTsvSplit
 from vlretrieval.data.lmdb_store import PairRecord, SplitStore, TextRecord, serialize_split
 from vlretrieval.errors import DataError
 
+from .conftest import make_image
+
 ENTRY = {"root": "Demo-CN"}
-
-
-def make_image(fmt: str, size: tuple[int, int], seed: int) -> bytes:
-    rng = random.Random(seed)
-    image = Image.new("RGB", size)
-    image.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(size[0] * size[1])])
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
 
 
 def write_raw_split(source_dir: Path, split: str = "valid") -> tuple[dict[int, bytes], list[dict]]:

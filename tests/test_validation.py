@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,17 +18,10 @@ from vlretrieval.data.lmdb_store import SplitStore, serialize_split
 from vlretrieval.data.validation import POLICIES, check_image_bytes, decode_base64, validate_split
 from vlretrieval.errors import DataError
 
+from .conftest import make_image
+
 SPLIT = "test"
 ENTRY = {"root": "ds"}
-
-
-def make_image(fmt: str, size: tuple[int, int], seed: int) -> bytes:
-    rng = random.Random(seed)
-    image = Image.new("RGB", size)
-    image.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(size[0] * size[1])])
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
 
 
 def b64(data: bytes) -> str:
