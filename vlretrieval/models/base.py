@@ -321,3 +321,17 @@ class ModelFamily:
         the longest encoded text (or ``max_len`` with ``pad_to_max``).
         """
         raise NotImplementedError
+
+
+def eval_context_length(model_dir: str | os.PathLike, family: ModelFamily, requested: int | None = None) -> int:
+    """Text length (tokens, specials included) for encoding texts with the model in ``model_dir``.
+
+    ``requested`` defaults to the saved ``eval_max_len`` (the family's default clamped to the
+    model's position table); a request beyond the position table is an error, not a silent cut.
+    """
+    info = read_model_info(model_dir)
+    max_len = int(requested or info.get("eval_max_len") or family.eval_max_len)
+    longest = info.get("max_text_len")
+    if longest is not None and max_len > int(longest):
+        raise ConfigError(f"{model_dir}: context length {max_len} exceeds the model's limit of {longest} tokens")
+    return max_len
