@@ -115,10 +115,10 @@ class SimilarityResult:
             "image_features_shape": list(self.image_features.shape) if self.images else None,
             "text_features_shape": list(self.text_features.shape) if self.texts else None,
             "logit_scale": self.logit_scale,
-            "cosine": self.cosine.round(6).tolist(),
+            "cosine": np.round(self.cosine.astype(np.float64), 6).tolist(),
         }
         if self.probabilities is not None:
-            document["probabilities"] = self.probabilities.round(6).tolist()
+            document["probabilities"] = np.round(self.probabilities.astype(np.float64), 6).tolist()
             document["best_text"] = [self.texts[i] for i in self.probabilities.argmax(axis=1)]
         return document
 
@@ -173,13 +173,14 @@ def compute_similarity(
     )
 
 
-def _table(title: str, rows: Sequence[str], columns: Sequence[str], values: np.ndarray) -> str:
+def _table(title: str, rows: Sequence[str], columns: Sequence[str], values: np.ndarray, *, legend: bool = True) -> str:
     header = [title] + [f"[{j}]" for j in range(len(columns))]
     lines = ["\t".join(header)]
     for i, label in enumerate(rows):
         lines.append("\t".join([label] + [f"{value:.4f}" for value in values[i]]))
-    legend = [f"[{j}] {column}" for j, column in enumerate(columns)]
-    return "\n".join(lines + legend)
+    if legend:
+        lines += [f"[{j}] {column}" for j, column in enumerate(columns)]
+    return "\n".join(lines)
 
 
 def format_result(result: SimilarityResult) -> str:
@@ -191,7 +192,7 @@ def format_result(result: SimilarityResult) -> str:
     if result.mode == IMAGE_TEXT:
         parts.append(f"logit scale: {result.logit_scale:.4f}")
         parts.append(_table("image \\ text probability", result.images, result.texts, result.probabilities))
-        parts.append(_table("image \\ text cosine", result.images, result.texts, result.cosine))
+        parts.append(_table("image \\ text cosine", result.images, result.texts, result.cosine, legend=False))
         for image, best in zip(result.images, result.probabilities.argmax(axis=1)):
             parts.append(f"best text for {image}: [{best}] {result.texts[best]}")
     elif result.mode == TEXT_TEXT:
