@@ -1,4 +1,8 @@
-# Data stages: demo archive generation, download, serialization to LMDB.
+# Data stages: demo archive generation, download, image fetching for CSV+URL corpora,
+# serialization to LMDB.
+
+# Registry keys the image step of a url_csv dataset reads; editing anything else reruns nothing.
+URL_CORPUS_KEYS = ("format", "root", "splits", "url_corpus")
 
 
 rule demo_archive:
@@ -49,14 +53,48 @@ rule download:
         " --timeout {params.timeout} --retries {params.retries} > {log} 2>&1"
 
 
-rule serialize:
+rule fetch_url_corpus:
     input:
         "resources/{dataset}/download",
+    output:
+        directory("resources/{dataset}/raw"),
+    params:
+        script=workflow_script("fetch_url_corpus.py"),
+        entry=lambda wildcards: quoted_json(subset(dataset_entry(wildcards), URL_CORPUS_KEYS)),
+        on_bad_record=config["data"]["on_bad_record"],
+        # Outside the output, which Snakemake deletes before a rerun: fetched images survive
+        # failed and killed jobs, so the next run resumes instead of starting over.
+        cache_dir=lambda wildcards: f"resources/image_cache/{wildcards.dataset}",
+    log:
+        "logs/fetch_url_corpus/{dataset}.log",
+    benchmark:
+        "benchmarks/fetch_url_corpus/{dataset}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=1440,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --entry {params.entry} --source {input} --out {output}"
+        " --cache-dir {params.cache_dir} --on-bad-record {params.on_bad_record} > {log} 2>&1"
+
+
+rule serialize:
+    input:
+        # A url_csv dataset is serialized from the raw layout fetch_url_corpus wrote, others from the download.
+        lambda wildcards: "resources/{}/{}".format(
+            wildcards.dataset, "raw" if dataset_entry(wildcards)["format"] == "url_csv" else "download"
+        ),
     output:
         directory("resources/{dataset}/lmdb/{split}"),
     params:
         script=workflow_script("serialize.py"),
-        entry=lambda wildcards: quoted_json(subset(dataset_entry(wildcards), SOURCE_KEYS)),
+        entry=lambda wildcards: quoted_json(
+            {"format": "raw_tsv"}
+            if dataset_entry(wildcards)["format"] == "url_csv"
+            else subset(dataset_entry(wildcards), SOURCE_KEYS)
+        ),
         on_bad_record=config["data"]["on_bad_record"],
     log:
         "logs/serialize/{dataset}/{split}.log",

@@ -51,7 +51,9 @@ __all__ = [
     "HTTPStatusError",
     "IncompleteDownload",
     "MANIFEST_NAME",
+    "RETRYABLE_STATUS",
     "SourceUnreachable",
+    "USER_AGENT",
     "UnsafeArchive",
     "download_dataset",
     "fetch",
@@ -65,7 +67,7 @@ USER_AGENT = f"vlretrieval/{__version__} (+python-urllib)"
 MAX_BACKOFF = 60.0
 
 # Statuses that say "try again later" rather than "this URL is wrong".
-_RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _ZIP_SUFFIXES = (".zip",)
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -287,7 +289,7 @@ def _http_attempt(url: str, part: Path, *, timeout: float, progress: bool, label
             _discard(part, meta_path)
             return _http_attempt(url, part, timeout=timeout, progress=progress, label=label)
         message = f"{url}: server answered HTTP {exc.code} {exc.reason}"
-        if exc.code in _RETRYABLE_STATUS:
+        if exc.code in RETRYABLE_STATUS:
             raise _Retryable(HTTPStatusError, message, url=url, status=exc.code) from None
         raise HTTPStatusError(message, url=url, status=exc.code) from None
     except urllib.error.URLError as exc:
