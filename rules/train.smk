@@ -9,7 +9,8 @@ rule prepare_model:
     params:
         script=workflow_script("prepare_model.py"),
         family=lambda wildcards: model_entry(wildcards)["family"],
-        init=lambda wildcards: model_entry(wildcards)["init"],
+        # JSON, because init is a name, a directory or a mapping of towers to either.
+        init=lambda wildcards: quoted_json(model_entry(wildcards)["init"]),
         # The only possible input is the split a tiny model takes its vocabulary from.
         vocab=lambda wildcards, input: "".join(f"--vocab-split {path}" for path in input),
     log:

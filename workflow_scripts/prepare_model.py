@@ -1,19 +1,26 @@
-"""Write a pair's initial model directory: pretrained weights, a local directory, or a tiny random model."""
+"""Write a pair's initial model directory: pretrained weights, a local directory, separately pretrained
+towers, or a tiny random model."""
 
 import argparse
 from pathlib import Path
 
-from vlretrieval.cli import run
+from vlretrieval.cli import json_arg, run
 from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--family", required=True)
-    parser.add_argument("--init", required=True, help="pretrained name, local model directory, or 'tiny'")
+    parser.add_argument(
+        "--init", required=True, type=json_arg,
+        help='JSON: "tiny", a pretrained name or local model directory as a string, '
+        'or {"vision": NAME_OR_DIR, "text": NAME_OR_DIR} for separately pretrained towers',
+    )
     parser.add_argument("--vocab-split", type=Path, help="serialized split whose captions make a tiny model's vocabulary")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if not isinstance(args.init, (str, dict)):
+        parser.error(f"--init must be a JSON string or object, got {args.init!r}")
     vocab_texts = vocab_texts_from_split(args.vocab_split) if args.vocab_split else None
     prepare_initial_model(args.family, args.init, args.out, vocab_texts=vocab_texts)
 

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from .base import KINDS, ModelFamily
 
 # Modules that register a built-in family on import.
-BUILTIN_FAMILY_MODULES: tuple[str, ...] = ("vlretrieval.models.ernie_vil",)
+BUILTIN_FAMILY_MODULES: tuple[str, ...] = ("vlretrieval.models.ernie_vil", "vlretrieval.models.chinese_clip", "vlretrieval.models.bert_clip")
 
 _FAMILIES: dict[str, ModelFamily] = {}
 _lock = threading.RLock()

@@ -77,6 +77,9 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     # The reference gathers without gradient, which makes the multi-rank gradient only an
     # approximation of the global-batch one (and a from-scratch run stalls); with it the two are equal.
     "gather_with_grad": True,
+    # LiT (locked-image text tuning): true freezes the model's image tower, false trains it, null
+    # keeps what the model directory says (BertCLIP locks by default, ERNIE-ViL has no lock).
+    "lit": None,
     "seed": 1,
     "logging_steps": 1,
     "save_steps": 500,
@@ -120,6 +123,8 @@ def resolve_hparams(overrides: Mapping[str, Any] | None = None) -> dict[str, Any
     for key in ("recompute", "hflip", "gather_with_grad"):
         if not isinstance(hparams[key], bool):
             raise ConfigError(f"hyperparameter {key} must be true or false, got {hparams[key]!r}")
+    if hparams["lit"] is not None and not isinstance(hparams["lit"], bool):
+        raise ConfigError(f"hyperparameter lit must be true, false or null, got {hparams['lit']!r}")
     if hparams["train_max_len"] is not None and (not isinstance(hparams["train_max_len"], int) or hparams["train_max_len"] < 2):
         raise ConfigError(f"hyperparameter train_max_len must be an integer >= 2 or null, got {hparams['train_max_len']!r}")
     return hparams
@@ -405,16 +410,19 @@ def _contrastive_trainer_class():
         def create_optimizer(self, lr_scheduler=None):
             if self.optimizer is None:
                 no_decay = set(getattr(self.model, "no_weight_decay_names", lambda: set())())
+                # Frozen parameters get no optimizer state at all (no moments, no decay), so a
+                # checkpoint holds none for them and the optimizer cannot move them.
+                trainable = trainable_parameters(self.model)
                 decay_names = {
                     param.name
-                    for name, param in self.model.named_parameters()
+                    for name, param in trainable
                     if not any(part in name for part in ("bias", "norm")) and name not in no_decay
                 }
                 optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
                 self.optimizer = optimizer_cls(
                     learning_rate=self.lr_scheduler if lr_scheduler is None else lr_scheduler,
                     apply_decay_param_fun=lambda name: name in decay_names,
-                    parameters=self.model.parameters(),
+                    parameters=[param for _, param in trainable],
                     weight_decay=self.args.weight_decay,
                     grad_clip=paddle.nn.ClipGradByGlobalNorm(self.args.max_grad_norm)
                     if self.args.max_grad_norm > 0
@@ -424,6 +432,36 @@ def _contrastive_trainer_class():
             return self.optimizer
 
     return ContrastiveTrainer
+
+
+def apply_freezing(model, lit: bool | None = None) -> set[str]:
+    """Freeze what the model asks to be frozen; returns those parameter names.
+
+    ``lit`` true/false locks or unlocks the image tower of a model that has one
+    (``set_image_tower_locked``); ``None`` keeps the model's own setting. The model names its frozen
+    parameters (``frozen_parameter_names``); they get ``stop_gradient``, which also keeps them out of
+    ``paddle.DataParallel``'s gradient all-reduce (it only registers trainable parameters).
+    """
+    if lit is not None:
+        lock = getattr(model, "set_image_tower_locked", None)
+        if lock is not None:
+            lock(lit)
+        elif lit:
+            raise ConfigError(f"{type(model).__name__} has no image tower to lock; remove 'lit: true' from its recipe")
+    frozen = set(getattr(model, "frozen_parameter_names", lambda: set())())
+    known = {name for name, _ in model.named_parameters()}
+    if frozen - known:
+        raise ConfigError(f"{type(model).__name__} names unknown frozen parameters {sorted(frozen - known)[:5]}")
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.stop_gradient = True
+    return frozen
+
+
+def trainable_parameters(model) -> list[tuple[str, Any]]:
+    """``(name, parameter)`` of every parameter that trains: not frozen by the model, not stop_gradient."""
+    frozen = set(getattr(model, "frozen_parameter_names", lambda: set())())
+    return [(name, param) for name, param in model.named_parameters() if name not in frozen and not param.stop_gradient]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +480,7 @@ def vocab_texts_from_split(split_dir: str | os.PathLike) -> list[str]:
 
 def prepare_initial_model(
     family_name: str,
-    init: str,
+    init: str | Mapping[str, str],
     out_dir: str | os.PathLike,
     *,
     vocab_texts: Iterable[str] | None = None,
@@ -453,8 +491,10 @@ def prepare_initial_model(
     """Write the starting model directory of a fine-tuning run, atomically.
 
     ``init`` is ``"tiny"`` (random weights from ``seed``, vocabulary built from ``vocab_texts``),
-    a pretrained name, or a local model directory. The result reloads offline with
-    ``family.load_model(out_dir)`` / ``family.load_tokenizer(out_dir)``.
+    a pretrained name, a local model directory, or a mapping from tower to a pretrained name or
+    directory (``{"vision": ..., "text": ...}``) for families assembled from separately pretrained
+    towers (``family.load_towers``; new weights such as projections come from ``seed``). The result
+    reloads offline with ``family.load_model(out_dir)`` / ``family.load_tokenizer(out_dir)``.
     """
     from ..models.registry import get_family
     from ..models.vocab import build_vocab_file
@@ -470,12 +510,26 @@ def prepare_initial_model(
             tokens = build_vocab_file(vocab_texts, tmp / "vocab.txt", min_count=vocab_min_count)
             model, tokenizer = family.build_tiny(tmp / "vocab.txt", seed=seed, **dict(tiny_overrides or {}))
             info = {"init": "tiny", "seed": int(seed), "tiny_overrides": dict(tiny_overrides or {}), "vocab_tokens": len(tokens)}
-        else:
+        elif isinstance(init, Mapping):
+            if tiny_overrides:
+                raise ConfigError("tiny_overrides only apply to init 'tiny'")
+            load_towers = getattr(family, "load_towers", None)
+            if load_towers is None:
+                raise ConfigError(
+                    f"{family_name} cannot be assembled from separate towers {sorted(init)}; "
+                    "give init one pretrained name or model directory"
+                )
+            towers = {str(key): os.fspath(value) for key, value in init.items()}
+            model, tokenizer = load_towers(towers, seed=seed)
+            info = {"init": towers, "seed": int(seed)}
+        elif isinstance(init, (str, os.PathLike)):
             if tiny_overrides:
                 raise ConfigError("tiny_overrides only apply to init 'tiny'")
             model = family.load_model(init)
             tokenizer = family.load_tokenizer(init)
-            info = {"init": str(init)}
+            info = {"init": os.fspath(init)}
+        else:
+            raise ConfigError(f"init must be 'tiny', a pretrained name, a directory or a mapping of towers, got {init!r}")
         family.save(model, tokenizer, tmp, extra_info=info)
     return out_dir
 
@@ -616,6 +670,8 @@ def finetune(
 
     tokenizer = family.load_tokenizer(model_dir)
     model = family.load_model(model_dir)
+    # Before the Trainer wraps the model: DataParallel decides at construction which parameters it syncs.
+    frozen = apply_freezing(model, hparams["lit"])
     model.train()
     dataset = PairDataset(
         train_data,
@@ -646,6 +702,8 @@ def finetune(
         "family": family.name,
         "recompute": recompute,
         "train_max_len": max_len,
+        "frozen_parameters": len(frozen),
+        "trainable_parameters": len(trainable_parameters(model)),
         "hparams": hparams,
     }
     trainer_cls = _contrastive_trainer_class()
