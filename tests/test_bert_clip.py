@@ -267,6 +267,20 @@ def test_text_tower_reloads_as_plain_bert(family, model_dir, tmp_path):
         np.testing.assert_array_equal(features.numpy(), model.encode_texts(ids, attention_mask=mask).numpy())
 
 
+def test_text_tower_command_writes_the_same_bert(family, model_dir, tmp_path, capsys):
+    from vlretrieval.models.bert_clip import main
+
+    assert main(["--model", str(model_dir), "--out", str(tmp_path / "cli_bert")]) == 0
+    assert "written to" in capsys.readouterr().out
+    bert = BertModel.from_pretrained(str(tmp_path / "cli_bert"))
+    expected = family.load_model(model_dir).text_model.state_dict()
+    got = bert.state_dict()
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name].numpy(), value.numpy())
+    assert not [p for p in tmp_path.iterdir() if p.name != "cli_bert"]  # no staging directory left behind
+
+
 # -- training ---------------------------------------------------------------------------------------
 
 

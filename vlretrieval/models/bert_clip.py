@@ -536,3 +536,26 @@ FAMILY = register_family(
         tiny=dict(TINY_ARCHITECTURE),
     )
 )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vlretrieval.models.bert_clip --model DIR --out DIR``: the BERT tower as a plain BERT."""
+    import argparse
+
+    from ..io import atomic_directory
+
+    parser = argparse.ArgumentParser(prog="python -m vlretrieval.models.bert_clip", description=main.__doc__)
+    parser.add_argument("--model", required=True, help="a saved BertCLIP directory, e.g. work/<dataset>/bert_clip/models/finetuned")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the BertModel and its tokenizer")
+    args = parser.parse_args(argv)
+    model = FAMILY.load_model(args.model)
+    with atomic_directory(args.out) as tmp:
+        save_text_tower(model, FAMILY.load_tokenizer(args.model), tmp)
+    print(f"BERT text tower of {args.model} written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from ..cli import run
+
+    raise SystemExit(run(main))
