@@ -20,6 +20,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/deploy.smk"
 include: "rules/track.smk"
 include: "rules/report.smk"
 

@@ -147,3 +147,19 @@ def default_targets():
         targets += pair_figures(dataset, model)
         targets.append(f"work/{dataset}/{model}/tracking.json")
     return targets
+
+
+def stage_export_dir(wildcards):
+    return f"work/{wildcards.dataset}/{wildcards.model}/{wildcards.stage}/export"
+
+
+def stage_extraction_model(wildcards):
+    """What extraction reads: the stage's saved model, or its export when eval.engine is inference."""
+    if model_entry(wildcards)["eval"].get("engine", "dynamic") == "inference":
+        return stage_export_dir(wildcards)
+    return stage_model_dir(wildcards)
+
+
+def export_eval_params(wildcards):
+    """The context length an export records for the texts it will be given."""
+    return quoted_json(subset(model_entry(wildcards)["eval"], ("max_len",)))

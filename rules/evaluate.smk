@@ -3,7 +3,8 @@
 
 rule extract_features:
     input:
-        model=stage_model_dir,
+        # the saved model, or with eval.engine inference its export (rule export_stage)
+        model=stage_extraction_model,
         split=eval_split_dir,
     output:
         directory("work/{dataset}/{model}/{stage}/features"),
@@ -22,7 +23,7 @@ rule extract_features:
         "../envs/cpu.yaml"
     shell:
         "python {params.script} --model-dir {input.model} --split-dir {input.split}"
-        " --eval {params.eval} --out {output} > {log} 2>&1"
+        " --eval {params.eval} --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule rank:

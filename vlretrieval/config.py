@@ -110,7 +110,7 @@ def evaluation_stages(dataset_entry: dict) -> list[str]:
 # evaluation split does not rerun a download or a serialization.
 DOWNLOAD_KEYS = ("files",)
 SOURCE_KEYS = ("format", "root", "split_files", "image_dirs", "max_lines")
-EXTRACTION_KEYS = ("max_len", "image_batch_size", "text_batch_size")
+EXTRACTION_KEYS = ("engine", "max_len", "image_batch_size", "text_batch_size")
 
 
 def subset(entry: dict, keys: tuple[str, ...]) -> dict:

@@ -4,6 +4,11 @@ Output is a directory with ``images/`` and ``texts/`` feature sets (see :mod:`.f
 float32, L2-normalised, with their ids, written atomically. Texts are truncated to the model's
 context length (the reference extractor passes a length argument its tokenizer ignores, so long
 texts there are never truncated).
+
+Two engines run the encoders: ``dynamic`` loads the saved model and runs paddle's dynamic graph;
+``inference`` runs a model exported by :mod:`vlretrieval.models.export` through ``paddle.inference``
+(oneDNN with a set number of math-library threads on the CPU, the GPU when paddle has CUDA and
+sees a device).
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -25,6 +31,7 @@ log = logging.getLogger(__name__)
 IMAGES_DIR = "images"
 TEXTS_DIR = "texts"
 SUMMARY_FILE = "extraction.json"
+ENGINES = ("dynamic", "inference")
 
 
 def load_dual_encoder(model_dir: str | os.PathLike) -> tuple[Any, Any, Any]:
@@ -50,12 +57,71 @@ def _encode_all(batches: Iterable[dict], ids_key: str, encode, total: int, what:
     with paddle.no_grad(), tqdm(total=total, desc=f"{what} features", unit=what, disable=not progress) as bar:
         for batch in batches:
             features = encode(batch)
+            if isinstance(features, paddle.Tensor):
+                features = features.astype("float32").numpy()
             ids.append(np.asarray(batch[ids_key]).astype(np.int64))
-            vectors.append(features.astype("float32").numpy())
+            vectors.append(np.asarray(features, dtype=np.float32))
             bar.update(len(ids[-1]))
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
     # Models normalise already; renormalising in float32 removes drift from lower-precision kernels.
     return FeatureSet(np.concatenate(ids) if ids else np.zeros(0, np.int64), l2_normalize(matrix))
+
+
+@dataclass(frozen=True)
+class _Encoders:
+    """One engine's view of a model: what the data path needs, and the two encoders over batches."""
+
+    family: Any
+    tokenizer: Any
+    image_size: int
+    default_max_len: int
+    max_text_len: int | None
+    encode_images: Callable[[dict], Any]
+    encode_texts: Callable[[dict], Any]
+    device: str
+
+
+def _dynamic_encoders(model_dir: str | os.PathLike) -> _Encoders:
+    import paddle
+
+    from ..models.base import read_model_info
+    from ..models.export import MANIFEST_FILE
+
+    if (Path(model_dir) / MANIFEST_FILE).is_file():
+        raise ConfigError(f"{model_dir}: an exported model; extract from it with the inference engine "
+                          "(eval.engine: inference), or from its source model directory")
+    family, model, tokenizer = load_dual_encoder(model_dir)
+    info = read_model_info(model_dir)
+    longest = info.get("max_text_len")
+    return _Encoders(
+        family=family,
+        tokenizer=tokenizer,
+        image_size=family.image_size(model),
+        # eval_max_len is the family's default clamped to the model's position table (max_text_len).
+        default_max_len=int(info.get("eval_max_len") or family.eval_max_len),
+        max_text_len=None if longest is None else int(longest),
+        encode_images=lambda b: model.encode_images(b["pixel_values"]),
+        encode_texts=lambda b: model.encode_texts(b["input_ids"], attention_mask=b["attention_mask"]),
+        device=str(paddle.device.get_device()),
+    )
+
+
+def _inference_encoders(export_dir: str | os.PathLike, threads: int | None) -> _Encoders:
+    from ..models.export import load_exported_model
+
+    exported = load_exported_model(export_dir, threads=threads)
+    encoder, manifest = exported.encoder, exported.encoder.manifest
+    longest = manifest.get("max_text_len")
+    return _Encoders(
+        family=exported.family,
+        tokenizer=exported.tokenizer,
+        image_size=encoder.image_size,
+        default_max_len=int(manifest["max_len"]),
+        max_text_len=None if longest is None else int(longest),
+        encode_images=lambda b: encoder.encode_images(b["pixel_values"].numpy()),
+        encode_texts=lambda b: encoder.encode_texts(b["input_ids"].numpy(), b["attention_mask"].numpy()),
+        device=f"cpu ({encoder.threads} threads)" if encoder.device == "cpu" else encoder.device,
+    )
 
 
 def extract_split(
@@ -63,6 +129,8 @@ def extract_split(
     split_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
+    engine: str = "dynamic",
+    threads: int | None = None,
     max_len: int | None = None,
     image_batch_size: int = 64,
     text_batch_size: int = 256,
@@ -72,28 +140,32 @@ def extract_split(
 ) -> dict[str, Any]:
     """Write image and text features of ``split_dir`` under ``out_dir``; returns a summary.
 
-    ``max_len`` defaults to the family's evaluation context length. With ``export_reference`` the
-    reference ``imgs.img_feat.jsonl`` / ``texts.txt_feat.jsonl`` files are written too.
+    With ``engine="dynamic"`` ``model_dir`` is a saved model directory; with ``"inference"`` it is
+    an exported one (:func:`vlretrieval.models.export.export_model`), run on the CPU with
+    ``threads`` math-library threads (default: every CPU this process may use). ``max_len``
+    defaults to the model's evaluation context length (for an export, the one recorded at export).
+    With ``export_reference`` the reference ``imgs.img_feat.jsonl`` / ``texts.txt_feat.jsonl``
+    files are written too.
     """
     from ..training.data import FamilyTokenizer, image_loader, text_loader
 
-    from ..models.base import read_model_info
-
-    family, model, tokenizer = load_dual_encoder(model_dir)
-    info = read_model_info(model_dir)
-    # eval_max_len is the family's default clamped to the model's position table (max_text_len).
-    max_len = int(max_len or info.get("eval_max_len") or family.eval_max_len)
-    longest = info.get("max_text_len")
-    if longest is not None and max_len > int(longest):
-        raise ConfigError(f"{model_dir}: context length {max_len} exceeds the model's limit of {longest} tokens")
-    transform = family.image_transform(model, train=False)
+    if engine == "dynamic":
+        encoders = _dynamic_encoders(model_dir)
+    elif engine == "inference":
+        encoders = _inference_encoders(model_dir, threads)
+    else:
+        raise ConfigError(f"unknown extraction engine {engine!r}; known: {', '.join(ENGINES)}")
+    family, tokenizer = encoders.family, encoders.tokenizer
+    max_len = int(max_len or encoders.default_max_len)
+    if encoders.max_text_len is not None and max_len > encoders.max_text_len:
+        raise ConfigError(
+            f"{model_dir}: context length {max_len} exceeds the model's limit of {encoders.max_text_len} tokens"
+        )
+    transform = family.image_transform(encoders.image_size, train=False)
 
     started = time.perf_counter()
     images = image_loader(split_dir, transform, batch_size=image_batch_size, num_workers=num_workers)
-    image_set = _encode_all(
-        images, "image_ids", lambda b: model.encode_images(b["pixel_values"]),
-        len(images.dataset), "image", progress,
-    )
+    image_set = _encode_all(images, "image_ids", encoders.encode_images, len(images.dataset), "image", progress)
     image_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -102,16 +174,15 @@ def extract_split(
         pad_token_id=getattr(tokenizer, "pad_token_id", 0) or 0,
         batch_size=text_batch_size, num_workers=num_workers,
     )
-    text_set = _encode_all(
-        texts, "text_ids", lambda b: model.encode_texts(b["input_ids"], attention_mask=b["attention_mask"]),
-        len(texts.dataset), "text", progress,
-    )
+    text_set = _encode_all(texts, "text_ids", encoders.encode_texts, len(texts.dataset), "text", progress)
     text_seconds = time.perf_counter() - started
 
     summary = {
         "model_dir": str(model_dir),
         "split_dir": str(split_dir),
         "family": family.name,
+        "engine": engine,
+        "device": encoders.device,
         "num_images": len(image_set),
         "num_texts": len(text_set),
         "dim": image_set.dim,
@@ -126,8 +197,8 @@ def extract_split(
             export_reference_jsonl(image_set, tmp / "imgs.img_feat.jsonl", kind="image")
             export_reference_jsonl(text_set, tmp / "texts.txt_feat.jsonl", kind="text")
         write_json(tmp / SUMMARY_FILE, summary)
-    log.info("extracted %d image and %d text features (dim %d) into %s",
-             len(image_set), len(text_set), image_set.dim, out_dir)
+    log.info("extracted %d image and %d text features (dim %d, %s engine) into %s",
+             len(image_set), len(text_set), image_set.dim, engine, out_dir)
     return summary
 
 
