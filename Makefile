@@ -6,7 +6,7 @@ CORES ?= all
 # Tools installed into the venv must win over any on the machine.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test lint bench clean-results
+.PHONY: setup demo test test-slurm slurm-stop lint bench clean-results
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,17 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Opt-in, not part of `make test`: a one-node SLURM cluster on this machine (root and apt;
+# ci/slurm/start.sh installs and starts it) and the demo pair submitted through profiles/slurm.
+SLURM_PARTITION ?= debug
+SLURM_ACCOUNT ?= vlretrieval
+test-slurm: setup
+	VLRETRIEVAL_SLURM_PARTITION=$(SLURM_PARTITION) VLRETRIEVAL_SLURM_ACCOUNT=$(SLURM_ACCOUNT) bash ci/slurm/start.sh
+	VLRETRIEVAL_SLURM=1 SBATCH_PARTITION=$(SLURM_PARTITION) SBATCH_ACCOUNT=$(SLURM_ACCOUNT) $(BIN)/python -m pytest -q tests/test_slurm.py
+
+slurm-stop:
+	bash ci/slurm/stop.sh
+
 lint: setup
 	$(BIN)/snakemake --lint
 
@@ -33,6 +44,8 @@ bench: setup
 	$(BIN)/python bench/bench_topk.py
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/bench_finetune.py
+	$(BIN)/python bench/bench_url_download.py
+	$(BIN)/python bench/bench_inference.py
 
 clean-results:
 	rm -rf results logs benchmarks

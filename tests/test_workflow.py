@@ -6,6 +6,7 @@ import json
 import subprocess
 
 import pytest
+import yaml
 
 from vlretrieval.data.lmdb_store import SplitStore
 
@@ -31,13 +32,14 @@ def _job_counts(out: str) -> dict[str, int]:
 
 def test_default_dag_plans_every_stage(workflow):
     counts = _job_counts(workflow.run("-n", "--quiet", "rules").stdout)
-    # demo_cn x ernie_vil: the train split for fine-tuning, the test split for evaluation, and
-    # two evaluated stages (zero-shot and fine-tuned), each extracted and ranked; then tracking,
-    # the leaderboard and the report's figures.
+    pairs = len(_default_grid())
+    # Every demo pair: the train split for fine-tuning, the test split for evaluation (both shared by
+    # the pairs), and two evaluated stages (zero-shot and fine-tuned), each exported for the inference
+    # engine, extracted and ranked; then tracking, the leaderboard and the report's figures.
     assert counts == {
-        "demo_archive": 1, "download": 1, "serialize": 2, "prepare_model": 1, "finetune": 1,
-        "extract_features": 2, "rank": 2, "score": 1, "track": 1, "leaderboard": 1,
-        "recall_curves": 1, "loss_curve": 1, "all": 1,
+        "demo_archive": 1, "download": 1, "serialize": 2, "prepare_model": pairs, "finetune": pairs,
+        "export_stage": 2 * pairs, "extract_features": 2 * pairs, "rank": 2 * pairs, "score": pairs,
+        "track": pairs, "leaderboard": 1, "recall_curves": pairs, "loss_curve": pairs, "all": 1,
     }
 
 
@@ -46,13 +48,15 @@ def test_real_dataset_dag_plans_download_to_recall(workflow):
     counts = _job_counts(proc.stdout)
     assert counts == {
         "download": 1, "serialize": 2, "prepare_model": 1, "finetune": 1,
-        "extract_features": 2, "rank": 2, "score": 1,
+        "export_stage": 2, "extract_features": 2, "rank": 2, "score": 1,
     }
 
 
 def test_test_only_dataset_is_evaluated_zero_shot(workflow):
     counts = _job_counts(workflow.run("results/coco_cn/ernie_vil/", "-n", "--quiet", "rules").stdout)
-    assert counts == {"download": 1, "serialize": 1, "prepare_model": 1, "extract_features": 1, "rank": 1, "score": 1}
+    assert counts == {
+        "download": 1, "serialize": 1, "prepare_model": 1, "export_stage": 1, "extract_features": 1, "rank": 1, "score": 1,
+    }
 
 
 @pytest.mark.slow
@@ -92,36 +96,33 @@ def _brute_force_recall(predictions: dict[int, list[int]], gold: dict[int, set[i
     return 100.0 * hits / len(gold)
 
 
-@pytest.mark.slow
-def test_demo_pair_end_to_end_meets_quality_bar(workflow):
-    """The default grid, as `make demo` runs it: demo_cn x ernie_vil from archive to recall."""
-    workflow.run()
-    result = workflow.workdir / "results" / "demo_cn" / "ernie_vil"
+def _default_grid() -> list[tuple[str, str]]:
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
+    return [(d, m) for d in config["grid"]["datasets"] for m in config["grid"]["models"]]
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _check_pair_metrics(workdir, dataset: str, model: str) -> dict:
+    """metrics.json of a pair agrees with a recount from its prediction files; returns it."""
+    result = workdir / "results" / dataset / model
     metrics = json.loads((result / "metrics.json").read_text(encoding="utf-8"))
-    assert (metrics["dataset"], metrics["model"], metrics["split"]) == ("demo_cn", "ernie_vil", "test")
+    assert (metrics["dataset"], metrics["model"], metrics["split"]) == (dataset, model, "test")
     assert (metrics["num_images"], metrics["num_texts"]) == (100, 500)
     assert set(metrics["stages"]) == {"zeroshot", "finetuned"}
 
-    gold_t2i: dict[int, set[int]] = {}
-    for line in (workflow.workdir / "resources/demo_cn/lmdb/test/texts.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        gold_t2i[record["text_id"]] = set(record["image_ids"])
+    gold_t2i = {r["text_id"]: set(r["image_ids"]) for r in _read_jsonl(workdir / f"resources/{dataset}/lmdb/test/texts.jsonl")}
     gold_i2t: dict[int, set[int]] = {}
     for text_id, image_ids in gold_t2i.items():
         for image_id in image_ids:
             gold_i2t.setdefault(image_id, set()).add(text_id)
 
     for stage, scores in metrics["stages"].items():
-        t2i = {}
-        for line in (result / stage / "t2i_predictions.jsonl").read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            assert len(record["image_ids"]) == 10 == len(set(record["image_ids"]))
-            t2i[record["text_id"]] = record["image_ids"]
-        i2t = {}
-        for line in (result / stage / "i2t_predictions.jsonl").read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            assert len(record["text_ids"]) == 10 == len(set(record["text_ids"]))
-            i2t[record["image_id"]] = record["text_ids"]
+        t2i = {r["text_id"]: r["image_ids"] for r in _read_jsonl(result / stage / "t2i_predictions.jsonl")}
+        i2t = {r["image_id"]: r["text_ids"] for r in _read_jsonl(result / stage / "i2t_predictions.jsonl")}
+        assert all(len(ids) == 10 == len(set(ids)) for ids in (*t2i.values(), *i2t.values()))
         # metrics.json must agree with an independent recount from the prediction files
         for direction, predictions, gold in (("text_to_image", t2i, gold_t2i), ("image_to_text", i2t, gold_i2t)):
             for k in (1, 5, 10):
@@ -136,44 +137,83 @@ def test_demo_pair_end_to_end_meets_quality_bar(workflow):
     finetuned = metrics["stages"]["finetuned"]["mean_recall"]
     assert finetuned >= 40, metrics
     assert finetuned >= 3 * zeroshot, metrics
+    return metrics
 
-    steps = [json.loads(line) for line in (workflow.workdir / "work/demo_cn/ernie_vil/train_log.jsonl").read_text().splitlines()]
-    losses = [row["loss"] for row in steps if row.get("event") == "train"]
-    assert len(losses) > 40 and all(loss == loss for loss in losses)  # no NaN
-    assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 1.0
 
-    # Tracking: the pair's runs in the SQLite store carry exactly the metrics.json values.
+def _check_demo_predictions(workdir, dataset: str, model: str) -> None:
+    """The fine-tuned model, through the similarity tool, picks test images' own captions among the
+    captions of 20 test images far more often than chance (1 in 20); the ERNIE-ViL demo model gets 12."""
+    from vlretrieval.data.lmdb_store import SplitStore
+    from vlretrieval.retrieval.similarity import SimilarityModel, compute_similarity
+
+    tool = SimilarityModel(workdir / f"work/{dataset}/{model}/models/finetuned")
+    with SplitStore(workdir / f"resources/{dataset}/lmdb/test") as store:
+        first_caption = {}
+        for text in store.texts():
+            first_caption.setdefault(text.image_ids[0], text.text)
+        image_ids = store.image_ids()[:20]
+        paths = []
+        for image_id in image_ids:
+            path = workdir / f"similarity_{model}_{image_id}.png"
+            path.write_bytes(store.image_bytes(image_id))
+            paths.append(path)
+    captions = [first_caption[image_id] for image_id in image_ids]
+    result = compute_similarity(tool, paths, captions)
+    correct = int((result.probabilities.argmax(axis=1) == range(len(paths))).sum())
+    assert correct >= 6, (model, correct)
+
+
+@pytest.mark.slow
+def test_demo_grid_end_to_end_meets_quality_bar(workflow):
+    """The default grid, as `make demo` runs it: every demo pair from archive to recall."""
+    grid = _default_grid()
+    workflow.run()
+    metrics = {}
+    for dataset, model in grid:
+        metrics[(dataset, model)] = _check_pair_metrics(workflow.workdir, dataset, model)
+        _check_demo_predictions(workflow.workdir, dataset, model)
+
+    # Tracking: each pair's runs in the SQLite store carry exactly the metrics.json values.
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow.workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("vlretrieval")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(run.data.tags["stage"] for run in runs) == ["finetune", "finetuned", "pair", "zeroshot"]
-    for run in runs:
-        stage = run.data.tags["stage"]
-        if stage in metrics["stages"]:
-            scores = metrics["stages"][stage]
-            assert run.data.metrics["t2i_r1"] == scores["text_to_image"]["r1"]
-            assert run.data.metrics["i2t_mean_recall"] == scores["image_to_text"]["mean_recall"]
-            assert run.data.metrics["mean_recall"] == scores["mean_recall"]
-    finetune_run = next(run for run in runs if run.data.tags["stage"] == "finetune")
-    assert len(client.get_metric_history(finetune_run.info.run_id, "train_loss")) == len(losses)
+    assert len(runs) == 4 * len(grid)
+    for dataset, model in grid:
+        pair_runs = [run for run in runs if (run.data.tags["dataset"], run.data.tags["model"]) == (dataset, model)]
+        assert sorted(run.data.tags["stage"] for run in pair_runs) == ["finetune", "finetuned", "pair", "zeroshot"]
+        for run in pair_runs:
+            stage = run.data.tags["stage"]
+            if stage in metrics[(dataset, model)]["stages"]:
+                scores = metrics[(dataset, model)]["stages"][stage]
+                assert run.data.metrics["t2i_r1"] == scores["text_to_image"]["r1"]
+                assert run.data.metrics["i2t_mean_recall"] == scores["image_to_text"]["mean_recall"]
+                assert run.data.metrics["mean_recall"] == scores["mean_recall"]
+        steps = _read_jsonl(workflow.workdir / f"work/{dataset}/{model}/train_log.jsonl")
+        losses = [row["loss"] for row in steps if row.get("event") == "train"]
+        assert len(losses) > 40 and all(loss == loss for loss in losses)  # no NaN
+        assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 1.0
+        finetune_run = next(run for run in pair_runs if run.data.tags["stage"] == "finetune")
+        assert len(client.get_metric_history(finetune_run.info.run_id, "train_loss")) == len(losses)
 
     # Re-running tracking updates the same runs.
     workflow.run("-R", "track")
-    assert len(client.search_runs([experiment.experiment_id])) == 4
+    assert len(client.search_runs([experiment.experiment_id])) == 4 * len(grid)
 
     # Leaderboard rows and report figures.
     summary = (workflow.workdir / "results" / "summary.csv").read_text(encoding="utf-8").splitlines()
     header = summary[0].split(",")
     rows = [dict(zip(header, line.split(","))) for line in summary[1:]]
-    assert [(r["dataset"], r["model"], r["stage"]) for r in rows] == [
-        ("demo_cn", "ernie_vil", "zeroshot"), ("demo_cn", "ernie_vil", "finetuned")
-    ]
+    assert sorted((r["dataset"], r["model"], r["stage"]) for r in rows) == sorted(
+        (d, m, stage) for d, m in grid for stage in ("zeroshot", "finetuned")
+    )
     for row in rows:
-        assert float(row["mean_recall"]) == pytest.approx(metrics["stages"][row["stage"]]["mean_recall"], abs=1e-4)
-    for figure in ("recall_at_k.png", "train_loss.png"):
-        assert (workflow.workdir / "results" / "figures" / "demo_cn" / "ernie_vil" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        expected = metrics[(row["dataset"], row["model"])]["stages"][row["stage"]]["mean_recall"]
+        assert float(row["mean_recall"]) == pytest.approx(expected, abs=1e-4)
+    for dataset, model in grid:
+        for figure in ("recall_at_k.png", "train_loss.png"):
+            assert (workflow.workdir / "results" / "figures" / dataset / model / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     workflow.run("--report", "report.html")
     html = (workflow.workdir / "report.html").read_text(encoding="utf-8", errors="replace")
     assert "recall_at_k.png" in html and "train_loss.png" in html and "summary.csv" in html
