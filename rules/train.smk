@@ -41,6 +41,11 @@ rule finetune:
         # Checkpoints live outside the declared outputs, so a failed or killed job keeps them and
         # the rerun resumes instead of starting over.
         work_dir="work/{dataset}/{model}/checkpoints",
+        # Ranks per node come from the config, not from the gpu resource: on several SLURM nodes the
+        # profile asks for GPUs per node (gres) instead of the job's total. The script finds the nodes
+        # and the GPUs each one shows in its environment.
+        gpus=config["finetune"]["gpus"],
+        cpu_ranks=config["finetune"]["cpu_ranks"],
     log:
         "logs/finetune/{dataset}/{model}.log",
     benchmark:
@@ -56,4 +61,4 @@ rule finetune:
     shell:
         "python {params.script} --model-dir {input.model} --train-data {input.train}"
         " --work-dir {params.work_dir} --final-dir {output.model} --train-log {output.train_log}"
-        " --ranks {resources.ranks} --gpus {resources.gpu} --hparams {params.hparams} > {log} 2>&1"
+        " --ranks {params.cpu_ranks} --gpus {params.gpus} --hparams {params.hparams} > {log} 2>&1"
