@@ -87,7 +87,7 @@ def test_features_are_projected_pooled_outputs(family, model_dir, tmp_path):
     tokenizer = family.load_tokenizer(model_dir)
     pixels, ids, mask = _inputs(family, tokenizer)
     assert model.visual_projection.bias is None and model.text_projection.bias is None
-    assert model.visual_projection.weight.shape == [256, 64] and model.text_projection.weight.shape == [64, 64]
+    assert model.visual_projection.weight.shape == [128, 64] and model.text_projection.weight.shape == [64, 64]
     with paddle.no_grad():
         out = model(pixel_values=pixels, input_ids=ids, attention_mask=mask)
         # image: projection of ln_post([CLS]); text: projection of BERT's pooler output (tanh dense over [CLS]).

@@ -80,17 +80,17 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # The demo trains from random weights, so the locked image tower is a *random* ViT, and only the
 # trainable visual projection adapts the image side: the tower's random features must already tell
-# colours, shapes and grid positions apart linearly. A wide tower gives the projection many of
-# them (a locked tower runs no backward pass, so width is cheap). With this architecture and the
-# demo recipe (5 epochs, lr 5e-4, 2 ranks) the demo pair reaches a fine-tuned mean recall of about
-# 56 against about 5 zero-shot. The text tower is as small as ERNIE-ViL's tiny one.
+# colours, shapes and grid positions apart linearly. 8 px patches keep the positions apart (16 px
+# patches reached a mean recall of only 24); a width of 128 learned better, and faster, than
+# 256 (mean recall 59.0 against 56.1, both with the demo recipe: 5 epochs, lr 5e-4, 2 ranks;
+# about 5 zero-shot). The text tower is as small as ERNIE-ViL's tiny one.
 TINY_ARCHITECTURE: dict[str, Any] = {
     "image_size": 64,
     "patch_size": 8,
-    "vision_hidden_size": 256,
+    "vision_hidden_size": 128,
     "vision_layers": 2,
     "vision_heads": 4,
-    "vision_intermediate_size": 1024,
+    "vision_intermediate_size": 512,
     "text_hidden_size": 64,
     "text_layers": 2,
     "text_heads": 2,
