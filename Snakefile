@@ -18,6 +18,7 @@ validate(config, "config/schemas/config.schema.yaml", set_default=True)
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/arrow.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/deploy.smk"

@@ -1,5 +1,5 @@
 # Data stages: demo archive generation, download, image fetching for CSV+URL corpora,
-# serialization to LMDB.
+# serialization to LMDB, region features beside it.
 
 # Registry keys the image step of a url_csv dataset reads; editing anything else reruns nothing.
 URL_CORPUS_KEYS = ("format", "root", "splits", "url_corpus")
@@ -110,3 +110,36 @@ rule serialize:
         "python {params.script} --entry {params.entry} --source {input}"
         " --split {wildcards.split} --out {output} --on-bad-record {params.on_bad_record}"
         " --workers {threads} > {log} 2>&1"
+
+
+
+# Registry keys the region step reads; an entry without `regions` stops the job with a clear error.
+REGION_KEYS = ("root", "regions")
+
+
+rule serialize_regions:
+    input:
+        # The split's image ids come from its serialized LMDB, so features are checked against
+        # exactly the images that survived validation.
+        source="resources/{dataset}/download",
+        split_dir="resources/{dataset}/lmdb/{split}",
+    output:
+        # Beside the LMDB directory, not inside it: Snakemake forbids outputs nested in another output.
+        directory("resources/{dataset}/regions/{split}"),
+    params:
+        script=workflow_script("serialize_regions.py"),
+        entry=lambda wildcards: quoted_json(subset(dataset_entry(wildcards), REGION_KEYS)),
+        on_bad_record=config["data"]["on_bad_record"],
+    log:
+        "logs/serialize_regions/{dataset}/{split}.log",
+    benchmark:
+        "benchmarks/serialize_regions/{dataset}/{split}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=240,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --entry {params.entry} --source {input.source} --split-dir {input.split_dir}"
+        " --split {wildcards.split} --out {output} --on-bad-record {params.on_bad_record} > {log} 2>&1"

@@ -381,3 +381,14 @@ def test_workflow_script_reports_a_bad_generator_block(tmp_path):
     assert proc.returncode == 1
     assert "negative" in proc.stderr
     assert not (tmp_path / "x.zip").exists()
+
+
+def test_demo_en_registry_entry_asks_for_english_and_regions():
+    entry = yaml.safe_load((REPO / "config" / "datasets.yaml").read_text(encoding="utf-8"))["demo_en"]
+    spec = DemoSpec.from_config("demo_en", entry["generator"])
+    assert spec.caption_language == "en" and spec.regions
+    members = demo.archive_members(spec)
+    for split in spec.sizes:
+        for suffix in ("texts.jsonl", "texts.zh.jsonl", "features.tsv", "features.lineidx", "predictions.tsv"):
+            assert f"demo_en/{split}_{suffix}" in members
+    assert not any(name.endswith("texts.en.jsonl") for name in members)

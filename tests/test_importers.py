@@ -289,7 +289,7 @@ def test_reference_missing_layout(tmp_path: Path) -> None:
 
 
 def test_unknown_format_and_bad_split(tmp_path: Path) -> None:
-    assert SOURCE_FORMATS == ("raw_tsv", "coco_cn_data", "reference_lmdb", "aic_icc")
+    assert SOURCE_FORMATS == ("raw_tsv", "coco_cn_data", "reference_lmdb", "aic_icc", "karpathy_json")
     with pytest.raises(ConfigError, match="unknown source format"):
         read_source("parquet", tmp_path, "test", {})
     with pytest.raises(ConfigError, match="invalid split name"):

@@ -56,7 +56,7 @@ def load_datasets(path: str | Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(
                 f"{path}: entry {name!r}: eval_split {entry['eval_split']!r} is not one of its splits {entry['splits']}"
             )
-        needs = {"coco_cn_data": ("split_files",), "aic_icc": ("split_files", "image_dirs")}
+        needs = {"coco_cn_data": ("split_files",), "aic_icc": ("split_files", "image_dirs"), "karpathy_json": ("split_files",)}
         for key in needs.get(entry["format"], ()):
             missing = [s for s in entry["splits"] if s not in entry[key]]
             if missing:

@@ -14,7 +14,19 @@ folder named after the dataset::
         {split}_texts.en.jsonl    same text ids, English
         {split}_objects.jsonl     {"image_id", "objects": [{"shape", "colour", "position", "box", "class_name"}]}
 
-for each split in canonical order (train, valid, test, then any other split name sorted).
+for each split in canonical order (train, valid, test, then any other split name sorted). With
+``caption_language="en"`` the English captions are the ones in ``{split}_texts.jsonl`` (what the
+importers read) and the Chinese ones move to ``{split}_texts.zh.jsonl``. With ``regions=True``
+each split also gets VinVL-format region data (see :mod:`vlretrieval.data.regions`)::
+
+        {split}_features.tsv      image_id <TAB> num_boxes <TAB> base64 float32 [num_boxes, 2054]
+        {split}_features.lineidx  byte offset of each line of the features tsv
+        {split}_predictions.tsv   image_id <TAB> {"image_h", "image_w", "num_boxes", "objects": [{"class", "conf", "rect"}]}
+
+One region per drawn object, in grid order: its appearance is a fixed 2048-d Gaussian vector per
+(shape, colour) drawn from the seed, plus a little per-object Gaussian noise
+(``REGION_NOISE``), followed by the 6 VinVL box values of the object's box; its class (the
+object tag) is ``"<colour> <shape>"``, the object's ``class_name``.
 Image ids and text ids start at 1 and are unique across the whole archive.
 
 The same :class:`DemoSpec` always gives a byte-identical archive: all randomness comes from
@@ -24,6 +36,7 @@ and are written in a fixed order, and PNGs are encoded with fixed settings.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import itertools
@@ -42,6 +55,7 @@ from PIL import Image, ImageDraw
 from vlretrieval.errors import ConfigError
 from vlretrieval.io import atomic_open, atomic_path, sha256_file
 from vlretrieval.data.raw import SPLITS, images_tsv_path, texts_jsonl_path, write_image_line, write_text_line
+from vlretrieval.data.regions import APPEARANCE_DIM, box_features
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary
@@ -105,6 +119,10 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SPLIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 DEFAULT_SIZES: dict[str, int] = {"train": 1000, "valid": 100, "test": 100}
+CAPTION_LANGUAGES = ("zh", "en")
+# Per-object noise relative to the unit-variance (shape, colour) appearance: small enough that
+# the kind stays obvious, large enough that no two regions are identical.
+REGION_NOISE = 0.1
 
 
 class DemoSpecError(ConfigError, ValueError):
@@ -375,6 +393,10 @@ class DemoSpec:
     sizes: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_SIZES), hash=False)
     image_size: int = 64
     captions_per_image: int = 5
+    # Which language goes into {split}_texts.jsonl, the captions the importers read.
+    caption_language: str = "zh"
+    # Also write VinVL-format region features and object predictions per split.
+    regions: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
@@ -400,6 +422,12 @@ class DemoSpec:
                 f"(the number of distinct caption templates), got {self.captions_per_image!r}"
             )
         object.__setattr__(self, "captions_per_image", int(self.captions_per_image))
+        if self.caption_language not in CAPTION_LANGUAGES:
+            raise DemoSpecError(
+                f"caption_language must be one of {', '.join(CAPTION_LANGUAGES)}, got {self.caption_language!r}"
+            )
+        if not isinstance(self.regions, bool):
+            raise DemoSpecError(f"regions must be true or false, got {self.regions!r}")
         total = self.total_images
         if total == 0:
             raise DemoSpecError("sizes add up to zero images")
@@ -419,7 +447,7 @@ class DemoSpec:
         if generator_cfg is not None and not isinstance(generator_cfg, Mapping):
             raise DemoSpecError(f"dataset {name!r}: the generator block must be a mapping, got {generator_cfg!r}")
         cfg = dict(generator_cfg or {})
-        known = {"seed", "sizes", "image_size", "captions_per_image"}
+        known = {"seed", "sizes", "image_size", "captions_per_image", "caption_language", "regions"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise DemoSpecError(
@@ -585,17 +613,74 @@ def texts_en_jsonl_path(root: str | Path, split: str) -> Path:
     return Path(root) / f"{split}_texts.en.jsonl"
 
 
+def texts_zh_jsonl_path(root: str | Path, split: str) -> Path:
+    return Path(root) / f"{split}_texts.zh.jsonl"
+
+
 def objects_jsonl_path(root: str | Path, split: str) -> Path:
     return Path(root) / f"{split}_objects.jsonl"
+
+
+def features_tsv_path(root: str | Path, split: str) -> Path:
+    return Path(root) / f"{split}_features.tsv"
+
+
+def features_lineidx_path(root: str | Path, split: str) -> Path:
+    return Path(root) / f"{split}_features.lineidx"
+
+
+def predictions_tsv_path(root: str | Path, split: str) -> Path:
+    return Path(root) / f"{split}_predictions.tsv"
+
+
+def _second_texts_path(spec: DemoSpec) -> Callable[[str | Path, str], Path]:
+    return texts_en_jsonl_path if spec.caption_language == "zh" else texts_zh_jsonl_path
 
 
 def archive_members(spec: DemoSpec) -> list[str]:
     """Zip entry names in the order :func:`write_demo_archive` writes them."""
     names = [f"{spec.name}/"]
+    paths = [images_tsv_path, texts_jsonl_path, _second_texts_path(spec), objects_jsonl_path]
+    if spec.regions:
+        paths += [features_tsv_path, features_lineidx_path, predictions_tsv_path]
     for split in spec.sizes:
-        for path_of in (images_tsv_path, texts_jsonl_path, texts_en_jsonl_path, objects_jsonl_path):
+        for path_of in paths:
             names.append(path_of(spec.name, split).as_posix())
     return names
+
+
+def appearance_prototypes(seed: int) -> dict[tuple[str, str], np.ndarray]:
+    """The fixed float32 appearance vector of every (shape, colour), drawn from ``seed``."""
+    # The fourth child of the seed's sequence: generate_samples uses the first three, so turning
+    # regions on changes nothing else in the archive.
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[3])
+    return {
+        (shape, colour): rng.standard_normal(APPEARANCE_DIM, dtype=np.float32)
+        for shape in SHAPES
+        for colour in COLOURS
+    }
+
+
+def region_data(spec: DemoSpec, samples: Mapping[str, Sequence[DemoImage]]) -> dict[int, tuple[np.ndarray, dict]]:
+    """Per image id: the float32 ``[num_objects, 2054]`` region features and the predictions record."""
+    prototypes = appearance_prototypes(spec.seed)
+    noise_rng = np.random.default_rng(np.random.SeedSequence(spec.seed).spawn(5)[4])
+    result = {}
+    for images in samples.values():
+        for image in images:
+            objects = image.objects
+            appearance = np.stack([prototypes[(o.shape, o.colour)] for o in objects])
+            appearance += REGION_NOISE * noise_rng.standard_normal(appearance.shape, dtype=np.float32)
+            boxes = box_features([o.box for o in objects], spec.image_size, spec.image_size)
+            features = np.concatenate([appearance, boxes], axis=1).astype(np.float32)
+            predictions = {
+                "image_h": spec.image_size,
+                "image_w": spec.image_size,
+                "num_boxes": len(objects),
+                "objects": [{"class": o.class_name, "conf": 1.0, "rect": list(o.box)} for o in objects],
+            }
+            result[image.image_id] = (features, predictions)
+    return result
 
 
 def _zip_info(name: str) -> zipfile.ZipInfo:
@@ -619,22 +704,45 @@ def _open_member(archive: zipfile.ZipFile, path: Path) -> Iterator[io.TextIOWrap
             yield handle
 
 
-def _write_split(archive: zipfile.ZipFile, root: str, split: str, images: Sequence[DemoImage]) -> None:
+def _write_split(
+    archive: zipfile.ZipFile,
+    spec: DemoSpec,
+    split: str,
+    images: Sequence[DemoImage],
+    regions: Mapping[int, tuple[np.ndarray, dict]] | None,
+) -> None:
+    root = spec.name
     with _open_member(archive, images_tsv_path(root, split)) as handle:
         for image in images:
             write_image_line(handle, image.image_id, image.png)
-    with _open_member(archive, texts_jsonl_path(root, split)) as handle:
-        for image in images:
-            for text_id, text in image.captions_zh:
-                write_text_line(handle, text_id, text, [image.image_id])
-    with _open_member(archive, texts_en_jsonl_path(root, split)) as handle:
-        for image in images:
-            for text_id, text in image.captions_en:
-                write_text_line(handle, text_id, text, [image.image_id])
+    first, second = ("captions_zh", "captions_en") if spec.caption_language == "zh" else ("captions_en", "captions_zh")
+    for path, captions in ((texts_jsonl_path(root, split), first), (_second_texts_path(spec)(root, split), second)):
+        with _open_member(archive, path) as handle:
+            for image in images:
+                for text_id, text in getattr(image, captions):
+                    write_text_line(handle, text_id, text, [image.image_id])
     with _open_member(archive, objects_jsonl_path(root, split)) as handle:
         for image in images:
             record = {"image_id": image.image_id, "objects": [o.to_json() for o in image.objects]}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if regions is None:
+        return
+    offsets = []
+    with _open_member(archive, features_tsv_path(root, split)) as handle:
+        offset = 0
+        for image in images:
+            features = regions[image.image_id][0]
+            payload = base64.b64encode(features.astype("<f4").tobytes()).decode("ascii")
+            line = f"{image.image_id}\t{features.shape[0]}\t{payload}\n"
+            offsets.append(offset)
+            offset += len(line)  # ASCII, so characters are bytes
+            handle.write(line)
+    with _open_member(archive, features_lineidx_path(root, split)) as handle:
+        handle.writelines(f"{o}\n" for o in offsets)
+    with _open_member(archive, predictions_tsv_path(root, split)) as handle:
+        for image in images:
+            record = json.dumps(regions[image.image_id][1], sort_keys=True, separators=(",", ":"))
+            handle.write(f"{image.image_id}\t{record}\n")
 
 
 def write_demo_archive(spec: DemoSpec, out_zip: str | Path) -> str:
@@ -644,11 +752,12 @@ def write_demo_archive(spec: DemoSpec, out_zip: str | Path) -> str:
     """
     out_zip = Path(out_zip)
     samples = generate_samples(spec)
+    regions = region_data(spec, samples) if spec.regions else None
     with atomic_path(out_zip) as tmp:
         with zipfile.ZipFile(tmp, "w") as archive:
             archive.writestr(_zip_info(f"{spec.name}/"), b"")
             for split, images in samples.items():
-                _write_split(archive, spec.name, split, images)
+                _write_split(archive, spec, split, images, regions)
         digest = sha256_file(tmp)
     # Written only once the zip is in place, so a sidecar never names an archive that does not exist.
     with atomic_open(out_zip.with_name(out_zip.name + ".sha256")) as handle:

@@ -16,7 +16,10 @@ Formats (``SOURCE_FORMATS``):
   Pickles are read with an unpickler that cannot reach any global, so no code in the data runs;
 * ``aic_icc``: the AI Challenger image caption release, a JSON list of
   ``{"url", "image_id": "<name>.jpg", "caption": [...]}`` annotations (``split_files``) and a
-  directory of image files (``image_dirs``), cut to the first ``max_lines`` caption lines.
+  directory of image files (``image_dirs``), cut to the first ``max_lines`` caption lines;
+* ``karpathy_json``: Karpathy's ``dataset_coco.json`` / ``dataset_flickr30k.json`` (``split_files``)
+  with the images as files under ``root`` at ``{filepath}/{filename}`` (COCO's ``train2014/`` and
+  ``val2014/`` zips extracted there) or ``{image_dirs[split]}/{filename}``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import lmdb
 from ..errors import ConfigError, DataError
 from . import raw
 
-SOURCE_FORMATS = ("raw_tsv", "coco_cn_data", "reference_lmdb", "aic_icc")
+SOURCE_FORMATS = ("raw_tsv", "coco_cn_data", "reference_lmdb", "aic_icc", "karpathy_json")
 
 _INT_RE = re.compile(r"-?[0-9]+")
 
@@ -740,6 +743,151 @@ class AicIccSplit(SourceSplit):
         return total
 
 
+# --------------------------------------------------------------------------------------------
+# karpathy_json
+
+# The Karpathy splits as the retrieval papers use them: "restval" (the rest of COCO val2014) is
+# training data, which gives COCO's 113,287 / 5,000 / 5,000 images.
+KARPATHY_SPLITS: dict[str, tuple[str, ...]] = {"train": ("train", "restval"), "valid": ("val",), "test": ("test",)}
+
+
+@dataclass(frozen=True)
+class _KarpathyImage:
+    index: int  # position in the JSON's images list
+    image_id: int | None
+    path: Path | None
+    texts: list[tuple[str, Any, str | None]]  # (key, texts-jsonl object or None, problem)
+    problem: str | None
+
+
+class KarpathyJsonSplit(SourceSplit):
+    """One split of a Karpathy caption JSON (``{"images": [{"split", "filepath", "filename", "cocoid" |
+    "imgid", "sentences": [{"raw", "sentid"}]}]}``) with the image files on disk.
+
+    Image ids are ``cocoid`` when present (the COCO image id, which is how VinVL's features are
+    keyed), else ``imgid``; text ids are ``sentid``. The split's images are those whose ``split``
+    is one of ``KARPATHY_SPLITS[split]``, in file order. Records are located as ``images[N]`` and
+    ``images[N].sentences[M]`` of the JSON.
+    """
+
+    fmt = "karpathy_json"
+
+    def __init__(self, annotations_path: Path, image_root: Path, split: str, flat_image_dir: bool):
+        self.path = _require_file(annotations_path, self.fmt)
+        if split not in KARPATHY_SPLITS:
+            raise ConfigError(f"format karpathy_json has no split {split!r}; known: {', '.join(KARPATHY_SPLITS)}")
+        if not image_root.is_dir():
+            raise DataError(str(image_root), f"image directory not found (format {self.fmt} expects it)")
+        self.image_root = image_root
+        self.flat_image_dir = flat_image_dir
+        self._snapshot = _FileSnapshot(self.path)
+        self._scanned: list[_KarpathyImage] | None = None
+        super().__init__(split, f"karpathy_json {split} split ({'+'.join(KARPATHY_SPLITS[split])}) in "
+                                f"{annotations_path} + {image_root}")
+
+    @property
+    def images_file(self) -> str:
+        return str(self.image_root)
+
+    def _scan(self) -> list[_KarpathyImage]:
+        self._snapshot.check()
+        if self._scanned is not None:
+            return self._scanned
+        try:
+            data = json.loads(self.path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            raise DataError(str(self.path), f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(str(self.path), f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") \
+                from None
+        images = data.get("images") if isinstance(data, dict) else None
+        if not isinstance(images, list):
+            raise DataError(str(self.path), "expected a JSON object with an 'images' array (Karpathy's split format)")
+        wanted = KARPATHY_SPLITS[self.split]
+        scanned = []
+        for index, item in enumerate(images):
+            if not isinstance(item, dict):
+                problem = f"images[{index}] is {_json_type(item)}, not an object"
+                scanned.append(_KarpathyImage(index, None, None, [], problem))
+                continue
+            if item.get("split") not in wanted:
+                continue
+            problem = None
+            image_id = item.get("cocoid", item.get("imgid"))
+            if type(image_id) is not int:
+                problem, image_id = f"has no integer cocoid or imgid (found {image_id!r})", None
+            name, folder = item.get("filename"), item.get("filepath", "")
+            path = None
+            if not (isinstance(name, str) and _plain_file_name(name)):
+                problem = problem or f"filename {name!r} is not a plain file name"
+            elif not self.flat_image_dir and folder and not (isinstance(folder, str) and _plain_file_name(folder)):
+                problem = problem or f"filepath {folder!r} is not a plain directory name"
+            else:
+                path = self.image_root / name if self.flat_image_dir or not folder else self.image_root / folder / name
+            texts = []
+            sentences = item.get("sentences")
+            if not isinstance(sentences, list):
+                texts.append((f"images[{index}]", None, "has no 'sentences' array"))
+                sentences = []
+            for position, sentence in enumerate(sentences):
+                key = f"images[{index}].sentences[{position}]"
+                if not isinstance(sentence, dict):
+                    texts.append((key, None, f"sentence is {_json_type(sentence)}, not an object"))
+                    continue
+                sent_id, raw_text = sentence.get("sentid"), sentence.get("raw")
+                obj: dict[str, Any] = {"text_id": sent_id, "text": raw_text}
+                if image_id is not None:
+                    obj["image_ids"] = [image_id]
+                line_problem = None
+                if isinstance(raw_text, str):
+                    obj["text"] = clean_caption(raw_text)
+                else:
+                    line_problem = f"raw is {_json_type(raw_text)}, not a string"
+                texts.append((key, obj, line_problem))
+            scanned.append(_KarpathyImage(index, image_id, path, texts, problem))
+        self._scanned = scanned
+        return scanned
+
+    def iter_images(self) -> Iterator[SourceImage]:
+        for image in self._scan():
+            if image.image_id is None and image.problem and image.path is None and not image.texts:
+                continue  # not an image entry at all; reported once as a text record below
+            payload: bytes = b""
+            problem = image.problem
+            if problem is None and image.path is not None:
+                try:
+                    data = image.path.read_bytes()
+                except FileNotFoundError:
+                    problem = f"image file not found (named by images[{image.index}] of {self.path.name})"
+                except OSError as exc:
+                    problem = f"cannot read the image file ({exc.strerror or exc})"
+                else:
+                    if not data:
+                        problem = "image file is empty"
+                    else:
+                        payload = binascii.b2a_base64(data, newline=False)
+            location = str(image.path) if image.path is not None else f"{self.path} images[{image.index}]"
+            yield SourceImage(location, None, None, str(image.image_id), payload, problem)
+
+    def iter_texts(self) -> Iterator[SourceText]:
+        file = str(self.path)
+        for image in self._scan():
+            if not image.texts and image.problem:
+                yield SourceText(file, None, f"images[{image.index}]", None, image.problem)
+            for key, obj, problem in image.texts:
+                yield SourceText(file, None, key, obj, problem)
+
+    def input_bytes(self) -> int:
+        total = self.path.stat().st_size
+        for image in self._scan():
+            if image.path is not None:
+                try:
+                    total += image.path.stat().st_size
+                except OSError:
+                    pass  # reported as a bad image by iter_images
+        return total
+
+
 def _max_lines(entry: Mapping[str, Any]) -> int | None:
     value = entry.get("max_lines")
     if value is None:
@@ -765,7 +913,9 @@ def read_source(fmt: str, source_dir: Path, split: str, entry: Mapping[str, Any]
     ``.``) locates every format's data under ``source_dir``; ``split_files[split]`` names the
     ``coco_cn_data`` file and the ``aic_icc`` annotations JSON, ``image_dirs[split]`` the
     ``aic_icc`` image directory, both relative to ``root``; ``aic_icc`` keeps only the first
-    ``max_lines`` caption lines (absent or null: all). The result is a context manager.
+    ``max_lines`` caption lines (absent or null: all); ``karpathy_json`` reads
+    ``split_files[split]`` and finds images under ``root`` by their ``filepath``, or directly in
+    ``image_dirs[split]`` when that is given. The result is a context manager.
     """
     if fmt not in SOURCE_FORMATS:
         raise ConfigError(f"unknown source format {fmt!r}; known formats: {', '.join(SOURCE_FORMATS)}")
@@ -786,4 +936,11 @@ def read_source(fmt: str, source_dir: Path, split: str, entry: Mapping[str, Any]
             if split not in table:
                 raise ConfigError(f"format aic_icc needs {key}.{split} in the dataset entry")
         return AicIccSplit(root / split_files[split], root / image_dirs[split], split, _max_lines(entry))
+    if fmt == "karpathy_json":
+        split_files = entry.get("split_files") or {}
+        if split not in split_files:
+            raise ConfigError(f"format karpathy_json needs split_files.{split} in the dataset entry")
+        image_dirs = entry.get("image_dirs") or {}
+        image_root = root / image_dirs[split] if split in image_dirs else root
+        return KarpathyJsonSplit(root / split_files[split], image_root, split, split in image_dirs)
     return ReferenceLmdbSplit(root / "lmdb" / split, split)
