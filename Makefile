@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python bench/bench_finetune.py
 	$(BIN)/python bench/bench_url_download.py
 	$(BIN)/python bench/bench_inference.py
+	$(BIN)/python bench/bench_arrow.py
 
 clean-results:
 	rm -rf results logs benchmarks
