@@ -114,6 +114,18 @@ def test_shared_file_passes_over_other_splits(tmp_path):
         assert store.image_ids() == [2, 4]
 
 
+def test_a_shared_features_file_does_not_relax_a_per_split_predictions_file(tmp_path):
+    arrays = random_arrays([1, 2, 3])
+    features, predictions = write_sources(tmp_path, arrays, {1: ["a"], 2: ["b"], 3: ["c"]}, lineidx=False)
+    with pytest.raises(DataError, match=r"tags for image 3, which is not in the test split"):
+        serialize_regions(features, predictions, [1, 2], tmp_path / "out", split="test",
+                          shared=True, predictions_shared=False)
+    report = serialize_regions(features, predictions, [1, 2], tmp_path / "out", split="test",
+                               shared=False, predictions_shared=True, on_bad_record="skip")
+    assert [s["location"] for s in report.skipped] == [f"{features}:3"]  # only the per-split file's row
+    assert report.other_images == 1
+
+
 def test_unknown_image_in_a_split_file_is_a_bad_record(tmp_path):
     arrays = random_arrays([1, 2, 9])
     features, predictions = write_sources(tmp_path, arrays, {1: ["a"], 2: ["b"]}, lineidx=False)

@@ -159,6 +159,8 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
     chown munge:munge /etc/munge/munge.key && chmod 600 /etc/munge/munge.key
     log "starting munged"
     runuser -u munge -- /usr/sbin/munged
+    # stop.sh stops only the shared daemons this script started, never the machine's own.
+    mkdir -p "$RUN_DIR" && echo munged >>"$RUN_DIR/started_shared_daemons"
     wait_for 20 munged bash -c 'munge -n </dev/null | unmunge'
 fi
 
@@ -170,6 +172,7 @@ if ! mariadb-admin --protocol=socket ping >/dev/null 2>&1; then
     setsid nohup /usr/sbin/mariadbd --user=mysql --bind-address=127.0.0.1 \
         --pid-file=/run/mysqld/mysqld.pid >/var/log/slurm/mariadb.log 2>&1 </dev/null &
     wait_for 60 mariadbd mariadb-admin --protocol=socket ping
+    mkdir -p "$RUN_DIR" && echo mariadbd >>"$RUN_DIR/started_shared_daemons"
 fi
 mariadb --protocol=socket <<'SQL'
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;

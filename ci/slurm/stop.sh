@@ -26,5 +26,13 @@ stop_pidfile() {  # stop_pidfile NAME PIDFILE
 stop_pidfile slurmd /run/slurm/slurmd.pid
 stop_pidfile slurmctld /run/slurm/slurmctld.pid
 stop_pidfile slurmdbd /run/slurm/slurmdbd.pid
-stop_pidfile mariadbd /run/mysqld/mysqld.pid
-stop_pidfile munged /run/munge/munged.pid
+# MariaDB and munge may be the machine's own services, which start.sh reuses: stop them only when
+# start.sh started them.
+started=/run/slurm/started_shared_daemons
+if [[ -f $started ]] && grep -qx mariadbd "$started"; then
+    stop_pidfile mariadbd /run/mysqld/mysqld.pid
+fi
+if [[ -f $started ]] && grep -qx munged "$started"; then
+    stop_pidfile munged /run/munge/munged.pid
+fi
+rm -f "$started"

@@ -260,10 +260,13 @@ class _File:
 
     def __init__(self, path: Path, check_images: bool, allow_empty_captions: bool, min_image_side: int):
         self.path = path
+        self.source = None
         try:
             self.source = pa.memory_map(str(path), "r")
             reader = pa.ipc.open_file(self.source)
         except (pa.ArrowInvalid, OSError) as exc:
+            if self.source is not None:
+                self.source.close()  # the mapping would otherwise outlive the failed open
             raise DataError(str(path), f"not an Arrow IPC file: {exc}") from None
         try:
             self.schema = reader.schema

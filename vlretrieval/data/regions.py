@@ -56,7 +56,8 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..io import atomic_directory, write_json
 from .importers import parse_int_id
-from .lmdb_store import SplitStore, _LmdbWriter
+from .lmdb_store import _MIN_MAP_SIZE, SplitStore, _LmdbWriter
+from .validation import POLICIES
 
 __all__ = [
     "APPEARANCE_DIM",
@@ -87,8 +88,6 @@ KEY_NUM_IMAGES = b"__num_images__"
 KEY_IMAGE_IDS = b"__image_ids__"
 
 _FEATURE_DTYPE = np.dtype("<f4")
-_MIN_MAP_SIZE = 32 << 20
-POLICIES = ("error", "skip")
 
 
 def box_features(rects: np.ndarray | Sequence[Sequence[float]], image_w: float, image_h: float) -> np.ndarray:
@@ -363,13 +362,15 @@ def serialize_regions(
     split: str = "",
     lineidx: str | os.PathLike | None = None,
     shared: bool = False,
+    predictions_shared: bool | None = None,
     on_bad_record: str = "error",
     feature_dim: int = FEATURE_DIM,
 ) -> RegionsReport:
     """Validate the features and tags of ``image_ids`` and write them as a region store at ``out_dir``.
 
-    ``shared``: the files also hold other splits' images, which are passed over (counted in the
-    report). Otherwise such rows, like undecodable ones, are bad records: ``on_bad_record="error"``
+    ``shared``: the features file also holds other splits' images, which are passed over (counted
+    in the report); ``predictions_shared`` says the same of the predictions file (default: as
+    ``shared``), since one source can be per split while the other is shared. Otherwise such rows, like undecodable ones, are bad records: ``on_bad_record="error"``
     stops at the first, ``"skip"`` reports it and goes on. An image of ``image_ids`` left without
     features or tags, or given twice, is always an error. The directory appears only when
     everything succeeded.
@@ -383,7 +384,10 @@ def serialize_regions(
     seen_features: dict[int, str] = {}
     seen_tags: dict[int, str] = {}
 
-    def accept(row_id: str, location: str, seen: dict[int, str], what: str) -> int | None:
+    if predictions_shared is None:
+        predictions_shared = shared
+
+    def accept(row_id: str, location: str, seen: dict[int, str], what: str, shared: bool) -> int | None:
         image_id = parse_int_id(row_id)
         if image_id is None:
             _bad(report, on_bad_record, location, row_id, f"image id {row_id[:40]!r} is not an integer")
@@ -409,7 +413,7 @@ def serialize_regions(
         try:
             for row in iter_feature_rows(features_path, lineidx):
                 report.feature_rows += 1
-                image_id = accept(row.image_id, row.location, seen_features, "features")
+                image_id = accept(row.image_id, row.location, seen_features, "features", shared)
                 if image_id is None:
                     continue
                 array, problem = decode_features(row, feature_dim)
@@ -421,7 +425,7 @@ def serialize_regions(
                 report.boxes += array.shape[0]
             for row in iter_prediction_rows(predictions_path):
                 report.prediction_rows += 1
-                image_id = accept(row.image_id, row.location, seen_tags, "tags")
+                image_id = accept(row.image_id, row.location, seen_tags, "tags", predictions_shared)
                 if image_id is None:
                     continue
                 record, problem = decode_predictions(row)
@@ -469,7 +473,8 @@ def serialize_split_regions(
         image_ids = store.image_ids()
     return serialize_regions(
         sources["features"], sources["predictions"], image_ids, out_dir, split=split, lineidx=sources["lineidx"],
-        shared=sources["features_shared"] or sources["predictions_shared"], on_bad_record=on_bad_record,
+        shared=sources["features_shared"], predictions_shared=sources["predictions_shared"],
+        on_bad_record=on_bad_record,
     )
 
 

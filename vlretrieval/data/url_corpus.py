@@ -12,7 +12,7 @@ other raw dataset. Three steps, all in :func:`build_url_corpus`:
 2. Every distinct image is obtained by a bounded pool of threads: taken from the image cache
    when it is there and still decodes, otherwise fetched with :func:`vlretrieval.data.download.fetch`
    (timeout per network wait, retries with exponential backoff on connection errors, timeouts
-   and 408/425/429/5xx, never on 404 and the like; redirects followed; our User-Agent; bytes go
+   and 408/425/429/500/502/503/504, never on 404 and the like; redirects followed; our User-Agent; bytes go
    to a ``.part`` file renamed only when complete). Then it is judged: GIFs, non-images (HTML
    error pages), corrupt and truncated files and images below the minimum side are dropped.
 3. Kept rows become ``{split}_imgs.tsv`` and ``{split}_texts.jsonl``. The CSV has no splits;
@@ -31,8 +31,8 @@ The image cache (``cache_dir``) outlives the output, so a rerun resumes:
 * ``rejected/<digest>.json``: what was wrong with a URL whose answer can only be wrong again
   (a 404, an HTML page, a GIF, ...), with the URL, so a rerun does not ask again. A marker
   whose verdict depends on a setting (minimum side, GIFs, size cap) is ignored once the
-  setting no longer rejects it. Transient failures (timeouts, 5xx) leave no marker and are
-  retried by the next run; delete ``rejected/`` to retry everything;
+  setting no longer rejects it. Transient failures (timeouts, 408/425/429/500/502/503/504) leave
+  no marker and are retried by the next run; delete ``rejected/`` to retry everything;
 * ``partial/``: transfers in progress; a killed run's partial file is resumed with a Range
   request.
 
@@ -756,6 +756,9 @@ def build_url_corpus(
                                         "run the job again")
                     raw.write_image_line(handle, image_id, data)
                     image_bytes += len(data)
+                # Durable before the directory is renamed into place, like the texts below.
+                handle.flush()
+                os.fsync(handle.fileno())
         for handle in (*texts_out.values(), dropped_out):
             handle.flush()
             os.fsync(handle.fileno())

@@ -323,6 +323,14 @@ class ModelFamily:
         raise NotImplementedError
 
 
+def checked_context_length(requested: int | None, default: int, limit: int | None, where: str | os.PathLike) -> int:
+    """``requested`` (or ``default``) tokens, refused when beyond the model's position table ``limit``."""
+    max_len = int(requested or default)
+    if limit is not None and max_len > int(limit):
+        raise ConfigError(f"{where}: context length {max_len} exceeds the model's limit of {limit} tokens")
+    return max_len
+
+
 def eval_context_length(model_dir: str | os.PathLike, family: ModelFamily, requested: int | None = None) -> int:
     """Text length (tokens, specials included) for encoding texts with the model in ``model_dir``.
 
@@ -330,8 +338,6 @@ def eval_context_length(model_dir: str | os.PathLike, family: ModelFamily, reque
     model's position table); a request beyond the position table is an error, not a silent cut.
     """
     info = read_model_info(model_dir)
-    max_len = int(requested or info.get("eval_max_len") or family.eval_max_len)
-    longest = info.get("max_text_len")
-    if longest is not None and max_len > int(longest):
-        raise ConfigError(f"{model_dir}: context length {max_len} exceeds the model's limit of {longest} tokens")
-    return max_len
+    return checked_context_length(
+        requested, int(info.get("eval_max_len") or family.eval_max_len), info.get("max_text_len"), model_dir
+    )

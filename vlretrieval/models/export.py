@@ -32,7 +32,7 @@ from paddle.static import InputSpec
 
 from ..errors import ConfigError
 from ..io import atomic_directory, write_json
-from .base import DUAL_ENCODER, MODEL_INFO_FILE, read_model_info
+from .base import DUAL_ENCODER, MODEL_INFO_FILE, eval_context_length, read_model_info
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +170,7 @@ def export_model(
         family, model, tokenizer = load_dual_encoder(model_dir)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{model_dir}: cannot load the model to export: {exc}") from exc
-    max_text_len = info.get("max_text_len")
-    max_len = int(max_len or info.get("eval_max_len") or family.eval_max_len)
-    if max_text_len is not None and max_len > int(max_text_len):
-        raise ConfigError(f"{model_dir}: context length {max_len} exceeds the model's limit of {max_text_len} tokens")
+    max_len = eval_context_length(model_dir, family, max_len)
     image_size = int(family.image_size(model))
 
     out_dir = Path(out_dir)
@@ -187,7 +184,7 @@ def export_model(
             "kind": DUAL_ENCODER,
             "image_size": image_size,
             "max_len": max_len,
-            "max_text_len": None if max_text_len is None else int(max_text_len),
+            "max_text_len": None if info.get("max_text_len") is None else int(info["max_text_len"]),
             "embedding_dim": int(model.embedding_dim),
             "paddle_version": paddle.__version__,
             "source_model_dir": str(model_dir.resolve()),

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..errors import ConfigError
+from ..models.base import checked_context_length
 from ..io import atomic_directory, write_json
 from .features import FeatureSet, export_reference_jsonl, l2_normalize, save_features
 
@@ -141,8 +142,9 @@ def extract_split(
     """Write image and text features of ``split_dir`` under ``out_dir``; returns a summary.
 
     With ``engine="dynamic"`` ``model_dir`` is a saved model directory; with ``"inference"`` it is
-    an exported one (:func:`vlretrieval.models.export.export_model`), run on the CPU with
-    ``threads`` math-library threads (default: every CPU this process may use). ``max_len``
+    an exported one (:func:`vlretrieval.models.export.export_model`), run on the GPU when paddle
+    has CUDA and sees a device, else on the CPU with ``threads`` math-library threads (default:
+    every CPU this process may use). ``max_len``
     defaults to the model's evaluation context length (for an export, the one recorded at export).
     With ``export_reference`` the reference ``imgs.img_feat.jsonl`` / ``texts.txt_feat.jsonl``
     files are written too.
@@ -156,11 +158,7 @@ def extract_split(
     else:
         raise ConfigError(f"unknown extraction engine {engine!r}; known: {', '.join(ENGINES)}")
     family, tokenizer = encoders.family, encoders.tokenizer
-    max_len = int(max_len or encoders.default_max_len)
-    if encoders.max_text_len is not None and max_len > encoders.max_text_len:
-        raise ConfigError(
-            f"{model_dir}: context length {max_len} exceeds the model's limit of {encoders.max_text_len} tokens"
-        )
+    max_len = checked_context_length(max_len, encoders.default_max_len, encoders.max_text_len, model_dir)
     transform = family.image_transform(encoders.image_size, train=False)
 
     started = time.perf_counter()
