@@ -22,11 +22,11 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DownloadError
 from ..io import atomic_directory, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -341,3 +341,46 @@ def eval_context_length(model_dir: str | os.PathLike, family: ModelFamily, reque
     return checked_context_length(
         requested, int(info.get("eval_max_len") or family.eval_max_len), info.get("max_text_len"), model_dir
     )
+
+
+def seeded_build(seed: int | None, build: Callable[[], Any]) -> Any:
+    """``build()`` with paddle seeded by ``seed``; the caller's random stream is given back unchanged."""
+    import paddle
+
+    if seed is None:
+        return build()
+    saved_state = paddle.get_rng_state()
+    paddle.seed(seed)
+    try:
+        return build()
+    finally:
+        paddle.set_rng_state(saved_state)
+
+
+def check_model_source(source: str | os.PathLike) -> str:
+    """``source`` as given to ``from_pretrained``; a local one must be a saved model directory."""
+    source = os.fspath(source)
+    if is_local_source(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"{path}: model directory not found")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path}: not a saved model directory (no config.json)")
+        return str(path)
+    return source
+
+
+def load_pretrained(cls: Any, source: str | os.PathLike, what: str = "", known_names: Sequence[str] = ()) -> Any:
+    """``cls.from_pretrained(source)``; a name that cannot be fetched is a :class:`DownloadError` that
+    says to pass a local directory instead (offline machines see this for every name)."""
+    checked = check_model_source(source)
+    try:
+        return cls.from_pretrained(checked)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if is_local_source(checked):
+            raise
+        known = f" (names paddlenlp knows: {', '.join(known_names)})" if known_names and checked not in known_names else ""
+        raise DownloadError(
+            f"cannot fetch pretrained {what or cls.__name__} {checked!r}{known}: no network, or an unknown name; "
+            f"download it where the hub is reachable and pass the local directory instead: {exc}"
+        ) from exc

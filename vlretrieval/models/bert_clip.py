@@ -65,7 +65,10 @@ from .base import (
     DualEncoderOutput,
     ImageTransform,
     ModelFamily,
+    check_model_source,
     is_local_source,
+    load_pretrained,
+    seeded_build,
 )
 from .registry import register_family
 
@@ -342,18 +345,6 @@ def save_text_tower(model: BertCLIPModel, tokenizer: Any, out_dir: str | os.Path
     return out_dir
 
 
-def _seeded(seed: int | None, build):
-    # Seed only for the construction and give the caller its random stream back unchanged.
-    if seed is None:
-        return build()
-    saved_state = paddle.get_rng_state()
-    paddle.seed(seed)
-    try:
-        return build()
-    finally:
-        paddle.set_rng_state(saved_state)
-
-
 class BertCLIPFamily(ModelFamily):
     """Loading, saving, tokenization and preprocessing of BertCLIP."""
 
@@ -363,41 +354,18 @@ class BertCLIPFamily(ModelFamily):
         # The tokenizer keeps reading vocab_file when it is saved, so the file must outlive this call.
         tokenizer = BertTokenizer(vocab_file=os.fspath(vocab_file), do_lower_case=True)
         config = tiny_config(tokenizer.vocab_size, **overrides)
-        model = _seeded(seed, lambda: BertCLIPModel(config))
+        model = seeded_build(seed, lambda: BertCLIPModel(config))
         model.eval()
         return model, tokenizer
 
-    def _check_source(self, source: str | os.PathLike) -> str:
-        source = os.fspath(source)
-        if is_local_source(source):
-            path = Path(source).expanduser()
-            if not path.is_dir():
-                raise ConfigError(f"{path}: model directory not found")
-            if not (path / "config.json").is_file():
-                raise ConfigError(f"{path}: not a saved model directory (no config.json)")
-            return str(path)
-        return source
-
-    def _from_pretrained(self, cls: Any, source: str | os.PathLike, what: str = "") -> Any:
-        checked = self._check_source(source)
-        try:
-            return cls.from_pretrained(checked)
-        except (OSError, ValueError, RuntimeError) as exc:
-            if is_local_source(checked):
-                raise
-            raise DownloadError(
-                f"cannot fetch pretrained {what or cls.__name__} {checked!r} (no network, or an unknown name); "
-                f"download it where the hub is reachable and pass the local directory instead: {exc}"
-            ) from exc
-
     def load_model(self, source: str | os.PathLike) -> BertCLIPModel:
         """A saved BertCLIP directory (or a BertCLIP published under a name)."""
-        model = self._from_pretrained(BertCLIPModel, source, "BertCLIP model")
+        model = load_pretrained(BertCLIPModel, source, "BertCLIP model")
         model.eval()
         return model
 
     def load_tokenizer(self, source: str | os.PathLike) -> BertTokenizer:
-        return self._from_pretrained(BertTokenizer, source, "BERT tokenizer")
+        return load_pretrained(BertTokenizer, source, "BERT tokenizer")
 
     def load_towers(
         self, towers: Mapping[str, str], *, seed: int | None = 0, projection_dim: int = 512,
@@ -417,7 +385,7 @@ class BertCLIPFamily(ModelFamily):
                 f"directory each); missing {missing}, unknown {unknown}"
             )
         vision_source, text_source = os.fspath(towers["vision"]), os.fspath(towers["text"])
-        self._check_source(vision_source)
+        check_model_source(vision_source)
         try:
             vision_info, _ = CLIPVisionConfig.get_config_dict(vision_source)
         except (OSError, ValueError) as exc:
@@ -430,13 +398,13 @@ class BertCLIPFamily(ModelFamily):
         with_projection = vision_info.get("model_type") == "clip" or "CLIPVisionModelWithProjection" in (
             vision_info.get("architectures") or []
         )
-        vision = self._from_pretrained(
+        vision = load_pretrained(
             CLIPVisionModelWithProjection if with_projection else CLIPVisionModel, vision_source, "CLIP vision model"
         )
         if isinstance(vision.config.num_hidden_layers, (list, tuple)):
             raise ConfigError(f"{vision_source}: a ResNet CLIP; BertCLIP needs a ViT image tower")
-        text = self._from_pretrained(BertModel, text_source, "BERT model")
-        tokenizer = self._from_pretrained(BertTokenizer, text_source, "BERT tokenizer")
+        text = load_pretrained(BertModel, text_source, "BERT model")
+        tokenizer = load_pretrained(BertTokenizer, text_source, "BERT tokenizer")
         if with_projection:
             projection_dim = int(vision.vision_projection.shape[1])
         config = BertCLIPConfig(
@@ -445,7 +413,7 @@ class BertCLIPFamily(ModelFamily):
             projection_dim=projection_dim,
             lock_image_tower=lock_image_tower,
         )
-        model = _seeded(seed, lambda: BertCLIPModel(config))
+        model = seeded_build(seed, lambda: BertCLIPModel(config))
         _copy_state(model.vision_model, vision.vision_model, vision_source)
         _copy_state(model.text_model, text, text_source)
         if with_projection:

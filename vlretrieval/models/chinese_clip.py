@@ -41,7 +41,7 @@ from paddlenlp.transformers import (
 )
 from paddlenlp.transformers.chineseclip.modeling import CHINESE_CLIP_PRETRAINED_MODEL_ARCHIVE_LIST
 
-from ..errors import ConfigError, DownloadError
+from ..errors import ConfigError
 from .base import (
     DUAL_ENCODER,
     MAX_LOGIT_SCALE,
@@ -49,7 +49,8 @@ from .base import (
     DualEncoderOutput,
     ImageTransform,
     ModelFamily,
-    is_local_source,
+    load_pretrained,
+    seeded_build,
 )
 from .registry import register_family
 
@@ -226,47 +227,17 @@ class ChineseCLIPFamily(ModelFamily):
         # The tokenizer keeps reading vocab_file when it is saved, so the file must outlive this call.
         tokenizer = ChineseCLIPTokenizer(vocab_file=os.fspath(vocab_file), do_lower_case=True)
         config = tiny_config(tokenizer.vocab_size, **overrides)
-        # Seed only for the construction and give the caller its random stream back unchanged.
-        saved_state = paddle.get_rng_state()
-        paddle.seed(seed)
-        try:
-            model = ChineseCLIPDualEncoder(config)
-        finally:
-            paddle.set_rng_state(saved_state)
+        model = seeded_build(seed, lambda: ChineseCLIPDualEncoder(config))
         model.eval()
         return model, tokenizer
 
-    def _check_source(self, source: str | os.PathLike) -> str:
-        source = os.fspath(source)
-        if is_local_source(source):
-            path = Path(source).expanduser()
-            if not path.is_dir():
-                raise ConfigError(f"{path}: model directory not found")
-            if not (path / "config.json").is_file():
-                raise ConfigError(f"{path}: not a saved model directory (no config.json)")
-            return str(path)
-        return source
-
-    def _from_pretrained(self, cls: Any, source: str | os.PathLike) -> Any:
-        checked = self._check_source(source)
-        try:
-            return cls.from_pretrained(checked)
-        except OSError as exc:
-            if is_local_source(checked):
-                raise
-            known = "" if checked in PRETRAINED_NAMES else f" (names paddlenlp knows: {', '.join(PRETRAINED_NAMES)})"
-            raise DownloadError(
-                f"cannot fetch pretrained {cls.__name__} {checked!r}{known}: no network, or an unknown name; "
-                f"download it where the hub is reachable and pass the local directory instead: {exc}"
-            ) from exc
-
     def load_model(self, source: str | os.PathLike) -> ChineseCLIPDualEncoder:
-        model = self._from_pretrained(ChineseCLIPDualEncoder, source)
+        model = load_pretrained(ChineseCLIPDualEncoder, source, known_names=PRETRAINED_NAMES)
         model.eval()
         return model
 
     def load_tokenizer(self, source: str | os.PathLike) -> ChineseCLIPTokenizer:
-        return self._from_pretrained(ChineseCLIPTokenizer, source)
+        return load_pretrained(ChineseCLIPTokenizer, source, known_names=PRETRAINED_NAMES)
 
     def image_processor(self, size: int) -> ChineseCLIPImageProcessor:
         """A paddlenlp processor that preprocesses square images like :meth:`image_transform` (eval)."""

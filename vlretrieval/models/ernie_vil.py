@@ -30,7 +30,7 @@ from paddlenlp.transformers import (
     ErnieViLTokenizer,
 )
 
-from ..errors import ConfigError, DownloadError
+from ..errors import ConfigError
 from .base import (
     DUAL_ENCODER,
     IMAGENET_MEAN,
@@ -39,7 +39,8 @@ from .base import (
     DualEncoder,
     DualEncoderOutput,
     ModelFamily,
-    is_local_source,
+    load_pretrained,
+    seeded_build,
 )
 from .registry import register_family
 
@@ -184,46 +185,17 @@ class ErnieViLFamily(ModelFamily):
         # The tokenizer keeps reading vocab_file when it is saved, so the file must outlive this call.
         tokenizer = ErnieViLTokenizer(vocab_file=os.fspath(vocab_file), do_lower_case=True)
         config = tiny_config(tokenizer.vocab_size, **overrides)
-        # Seed only for the construction and give the caller its random stream back unchanged.
-        saved_state = paddle.get_rng_state()
-        paddle.seed(seed)
-        try:
-            model = ErnieViLDualEncoder(config)
-        finally:
-            paddle.set_rng_state(saved_state)
+        model = seeded_build(seed, lambda: ErnieViLDualEncoder(config))
         model.eval()
         return model, tokenizer
 
-    def _check_source(self, source: str | os.PathLike) -> str:
-        source = os.fspath(source)
-        if is_local_source(source):
-            path = Path(source).expanduser()
-            if not path.is_dir():
-                raise ConfigError(f"{path}: model directory not found")
-            if not (path / "config.json").is_file():
-                raise ConfigError(f"{path}: not a saved model directory (no config.json)")
-            return str(path)
-        return source
-
-    def _from_pretrained(self, cls: Any, source: str | os.PathLike) -> Any:
-        checked = self._check_source(source)
-        try:
-            return cls.from_pretrained(checked)
-        except OSError as exc:
-            if is_local_source(checked):
-                raise
-            raise DownloadError(
-                f"cannot fetch pretrained {cls.__name__} {checked!r} (no network, or an unknown name); "
-                f"download it where the hub is reachable and pass the local directory instead: {exc}"
-            ) from exc
-
     def load_model(self, source: str | os.PathLike) -> ErnieViLDualEncoder:
-        model = self._from_pretrained(ErnieViLDualEncoder, source)
+        model = load_pretrained(ErnieViLDualEncoder, source)
         model.eval()
         return model
 
     def load_tokenizer(self, source: str | os.PathLike) -> ErnieViLTokenizer:
-        return self._from_pretrained(ErnieViLTokenizer, source)
+        return load_pretrained(ErnieViLTokenizer, source)
 
     def save(self, model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, extra_info: dict | None = None) -> Path:
         out_dir = Path(out_dir)
