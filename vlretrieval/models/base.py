@@ -384,3 +384,17 @@ def load_pretrained(cls: Any, source: str | os.PathLike, what: str = "", known_n
             f"cannot fetch pretrained {what or cls.__name__} {checked!r}{known}: no network, or an unknown name; "
             f"download it where the hub is reachable and pass the local directory instead: {exc}"
         ) from exc
+
+
+def tiny_architecture(family_name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` with ``overrides`` applied, checked: known keys only, whole patches, whole heads."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ConfigError(f"unknown {family_name} tiny architecture keys {sorted(unknown)}; known: {sorted(defaults)}")
+    arch = {**defaults, **overrides}
+    if arch["image_size"] % arch["patch_size"]:
+        raise ConfigError(f"image_size {arch['image_size']} is not a multiple of patch_size {arch['patch_size']}")
+    for prefix in ("vision", "text"):
+        if arch[f"{prefix}_hidden_size"] % arch[f"{prefix}_heads"]:
+            raise ConfigError(f"{prefix}_hidden_size must be divisible by {prefix}_heads")
+    return arch

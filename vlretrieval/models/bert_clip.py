@@ -69,6 +69,7 @@ from .base import (
     is_local_source,
     load_pretrained,
     seeded_build,
+    tiny_architecture,
 )
 from .registry import register_family
 
@@ -292,17 +293,7 @@ class BertCLIPModel(BertCLIPPretrainedModel, DualEncoder):
 
 def tiny_config(vocab_size: int, **overrides: Any) -> BertCLIPConfig:
     """The ``tiny`` BertCLIP configuration for a vocabulary of ``vocab_size`` tokens."""
-    unknown = set(overrides) - set(TINY_ARCHITECTURE)
-    if unknown:
-        raise ConfigError(
-            f"unknown bert_clip tiny architecture keys {sorted(unknown)}; known: {sorted(TINY_ARCHITECTURE)}"
-        )
-    arch = {**TINY_ARCHITECTURE, **overrides}
-    if arch["image_size"] % arch["patch_size"]:
-        raise ConfigError(f"image_size {arch['image_size']} is not a multiple of patch_size {arch['patch_size']}")
-    for prefix in ("vision", "text"):
-        if arch[f"{prefix}_hidden_size"] % arch[f"{prefix}_heads"]:
-            raise ConfigError(f"{prefix}_hidden_size must be divisible by {prefix}_heads")
+    arch = tiny_architecture("bert_clip", TINY_ARCHITECTURE, overrides)
     text_config = {
         "vocab_size": int(vocab_size),
         "hidden_size": arch["text_hidden_size"],

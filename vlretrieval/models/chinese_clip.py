@@ -51,6 +51,7 @@ from .base import (
     ModelFamily,
     load_pretrained,
     seeded_build,
+    tiny_architecture,
 )
 from .registry import register_family
 
@@ -174,17 +175,7 @@ class ChineseCLIPDualEncoder(ChineseCLIPModel, DualEncoder):
 
 def tiny_config(vocab_size: int, **overrides: Any) -> ChineseCLIPConfig:
     """The ``tiny`` Chinese-CLIP configuration for a vocabulary of ``vocab_size`` tokens."""
-    unknown = set(overrides) - set(TINY_ARCHITECTURE)
-    if unknown:
-        raise ConfigError(
-            f"unknown chinese_clip tiny architecture keys {sorted(unknown)}; known: {sorted(TINY_ARCHITECTURE)}"
-        )
-    arch = {**TINY_ARCHITECTURE, **overrides}
-    if arch["image_size"] % arch["patch_size"]:
-        raise ConfigError(f"image_size {arch['image_size']} is not a multiple of patch_size {arch['patch_size']}")
-    for prefix in ("vision", "text"):
-        if arch[f"{prefix}_hidden_size"] % arch[f"{prefix}_heads"]:
-            raise ConfigError(f"{prefix}_hidden_size must be divisible by {prefix}_heads")
+    arch = tiny_architecture("chinese_clip", TINY_ARCHITECTURE, overrides)
     if arch["projection_dim"] < 1:
         raise ConfigError(f"projection_dim must be positive, got {arch['projection_dim']}")
     text_config = {

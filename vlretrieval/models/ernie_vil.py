@@ -41,6 +41,7 @@ from .base import (
     ModelFamily,
     load_pretrained,
     seeded_build,
+    tiny_architecture,
 )
 from .registry import register_family
 
@@ -142,19 +143,9 @@ class ErnieViLDualEncoder(ErnieViLModel, DualEncoder):
 
 def tiny_config(vocab_size: int, **overrides: Any) -> ErnieViLConfig:
     """The ``tiny`` ERNIE-ViL configuration for a vocabulary of ``vocab_size`` tokens."""
-    unknown = set(overrides) - set(TINY_ARCHITECTURE)
-    if unknown:
-        raise ConfigError(
-            f"unknown ernie_vil tiny architecture keys {sorted(unknown)}; known: {sorted(TINY_ARCHITECTURE)}"
-        )
-    arch = {**TINY_ARCHITECTURE, **overrides}
-    if arch["image_size"] % arch["patch_size"]:
-        raise ConfigError(f"image_size {arch['image_size']} is not a multiple of patch_size {arch['patch_size']}")
+    arch = tiny_architecture("ernie_vil", TINY_ARCHITECTURE, overrides)
     if arch["vision_hidden_size"] != arch["text_hidden_size"]:
         raise ConfigError("a dual encoder without projections needs vision_hidden_size == text_hidden_size")
-    for prefix in ("vision", "text"):
-        if arch[f"{prefix}_hidden_size"] % arch[f"{prefix}_heads"]:
-            raise ConfigError(f"{prefix}_hidden_size must be divisible by {prefix}_heads")
     text_config = {
         "vocab_size": int(vocab_size),
         "hidden_size": arch["text_hidden_size"],
