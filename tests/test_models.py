@@ -282,3 +282,20 @@ def test_train_crop_keeps_most_of_the_image():
     assert transform(_asymmetric_image(), rng).shape == (3, 32, 32)
     with pytest.raises(ValueError, match="crop_scale"):
         ImageTransform(image_size=32, crop_scale=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("family_name", ["ernie_vil", "chinese_clip", "bert_clip"])
+def test_tiny_architecture_overrides_are_checked(family_name, tmp_path):
+    from vlretrieval.models.registry import get_family
+
+    family = get_family(family_name)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "红", "圆"]) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"unknown {family_name} tiny architecture keys \\['depth'\\]"):
+        family.build_tiny(vocab, depth=3)
+    with pytest.raises(ConfigError, match="image_size 64 is not a multiple of patch_size 12"):
+        family.build_tiny(vocab, patch_size=12)
+    with pytest.raises(ConfigError, match="text_hidden_size must be divisible by text_heads"):
+        family.build_tiny(vocab, text_heads=3)
+    model, _ = family.build_tiny(vocab, image_size=32)
+    assert family.image_size(model) == 32
