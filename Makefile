@@ -6,7 +6,7 @@ CORES ?= all
 # Tools installed into the venv must win over any on the machine.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-slurm slurm-stop lint bench clean-results
+.PHONY: setup setup-test demo test test-slurm slurm-stop lint bench clean-results
 
 setup: $(VENV)/.installed
 
@@ -22,7 +22,15 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/snakemake --profile profiles/default --cores $(CORES)
 
-test: setup
+# Test-only pins (torch CPU, transformers) for the weight-converter tests, on top of setup.
+setup-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.lock -c requirements.lock
+	$(BIN)/python -m pip check
+	touch $@
+
+test: setup-test
 	$(BIN)/python -m pytest -q
 
 # Opt-in, not part of `make test`: a one-node SLURM cluster on this machine (root and apt;
