@@ -79,12 +79,22 @@ def test_vocab_is_deterministic_and_order_independent():
     assert build_vocab(shuffled) == first
     assert tuple(first[: len(SPECIAL_TOKENS)]) == ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")
     assert len(set(first)) == len(first)
-    # Character level for Chinese; Latin words get word-start and continuation pieces.
+    # Character level for Chinese; Latin words are tokens, and their characters pieces for unseen words.
     assert "红" in first and "##红" not in first
-    assert {"r", "##e", "##d", "3"} <= set(first)
+    assert {"red", "circle", "r", "##e", "##d", "3"} <= set(first)
     # Most frequent piece first after the specials ("个" and "色" appear the most).
     counts = {tok: sum(c.count(tok) for c in CAPTIONS) for tok in ("个", "色", "菱")}
     assert first.index("色") < first.index("菱") and counts["色"] > counts["菱"]
+
+
+def test_vocab_keeps_known_english_words_whole_and_spells_unseen_ones(tmp_path):
+    from paddlenlp.transformers import BertTokenizer
+
+    build_vocab_file(CAPTIONS, tmp_path / "vocab.txt")
+    tokenizer = BertTokenizer(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    assert tokenizer.tokenize("A red circle") == ["a", "red", "circle"]
+    assert tokenizer.tokenize("tired") == ["t", "##i", "##r", "##e", "##d"]
+    assert "[UNK]" not in tokenizer.tokenize("left cart")
 
 
 def test_vocab_file_roundtrip_and_validation(tmp_path):

@@ -6,9 +6,11 @@ id) that BERT/ERNIE tokenizers read, so the saved model directory reloads with t
 ``from_pretrained`` and no network.
 
 Chinese text is tokenized one character per token by the BasicTokenizer, so the vocabulary is
-character-level. Non-Chinese words (Latin letters, digits) are split by WordPiece into pieces; the
-vocabulary holds each of their characters both as a word start (``a``) and as a continuation
-(``##a``), so every word made of known characters tokenizes without ``[UNK]``.
+character-level. Non-Chinese words (Latin letters, digits) of the captions are tokens of their own,
+so WordPiece's longest match keeps a known English word in one piece (a caption of ten words stays
+about ten tokens, not fifty). The vocabulary also holds each of their characters both as a word start
+(``a``) and as a continuation (``##a``), so an unseen word made of known characters still tokenizes
+without ``[UNK]``.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ def _pretokenizer(do_lower_case: bool):
 
 
 def count_pieces(texts: Iterable[str], *, do_lower_case: bool = True) -> Counter:
-    """Count the WordPiece pieces needed to spell ``texts`` character by character."""
+    """Count the whole words of ``texts`` and the WordPiece pieces that spell them character by character."""
     basic = _pretokenizer(do_lower_case)
     counts: Counter = Counter()
     for text in texts:
         for word in basic.tokenize(text):
+            if len(word) > 1:
+                counts[word] += 1
             counts[word[0]] += 1
             for char in word[1:]:
                 counts[CONTINUATION_PREFIX + char] += 1
