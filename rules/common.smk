@@ -8,13 +8,16 @@ from vlretrieval.config import (
     DOWNLOAD_KEYS,
     EXTRACTION_KEYS,
     SOURCE_KEYS,
+    evaluation_protocol,
     evaluation_stages,
     load_datasets,
     load_models,
+    model_names_pattern,
     pair_config,
     require,
     subset,
 )
+from vlretrieval.models.registry import family_spec
 
 # Jobs import the package from this checkout, also inside the conda environments of --sdm conda,
 # which install only the pinned dependencies.
@@ -33,6 +36,12 @@ for _name in config["grid"]["datasets"]:
     require(DATASETS, _name, "dataset")
 for _name in config["grid"]["models"]:
     require(MODELS, _name, "model")
+
+
+# Which rules rank a pair depends on its model's kind: dual encoders extract features and rank
+# them; cross encoders score pairs (rule rerank). Both write the same prediction files.
+DUAL_ENCODER_MODELS = model_names_pattern(MODELS, "dual_encoder")
+CROSS_ENCODER_MODELS = model_names_pattern(MODELS, "cross_encoder")
 
 
 wildcard_constraints:
@@ -74,6 +83,56 @@ def model_entry(wildcards):
 FINETUNE_RANKS = config["finetune"]["gpus"] or config["finetune"]["cpu_ranks"]
 # On GPUs each rank drives a device and needs one core; on CPU each rank is a busy process.
 FINETUNE_THREADS = config["finetune"]["gpus"] or config["finetune"]["cpu_ranks"]
+
+
+def family_extra_inputs(wildcards):
+    return family_spec(model_entry(wildcards)["family"]).extra_inputs
+
+
+def finetune_inputs(wildcards):
+    """The initial model and the training split, and its region store for region families."""
+    inputs = {
+        "model": f"work/{wildcards.dataset}/{wildcards.model}/models/init",
+        "train": f"resources/{wildcards.dataset}/lmdb/train",
+    }
+    if "regions" in family_extra_inputs(wildcards):
+        inputs["regions"] = f"resources/{wildcards.dataset}/regions/train"
+    return inputs
+
+
+def rerank_inputs(wildcards):
+    """A cross encoder's stage model and evaluation split, its region store, and for two-stage
+    ranking the candidate dual encoder's features of the same split."""
+    entry = model_entry(wildcards)
+    split = dataset_entry(wildcards)["eval_split"]
+    inputs = {"model": stage_model_dir(wildcards), "split": eval_split_dir(wildcards)}
+    if "regions" in family_extra_inputs(wildcards):
+        inputs["regions"] = f"resources/{wildcards.dataset}/regions/{split}"
+    protocol = evaluation_protocol(entry, "cross_encoder", pair_stages(wildcards), MODELS)
+    if protocol["name"] == "two_stage":
+        candidates = protocol["candidates"]
+        inputs["candidates"] = f"work/{wildcards.dataset}/{candidates['model']}/{candidates['stage']}/features"
+    return inputs
+
+
+def rerank_args(wildcards, input):
+    entry = model_entry(wildcards)
+    protocol = evaluation_protocol(entry, "cross_encoder", pair_stages(wildcards), MODELS)
+    args = [f"--protocol {protocol['name']}", f"--batch-size {entry['eval']['pair_batch_size']}"]
+    if "regions" in input.keys():
+        args.append(f"--regions {input.regions}")
+    if protocol["name"] == "two_stage":
+        args.append(f"--candidates {input.candidates} --candidates-k {protocol['candidates']['k']}")
+    if "max_len" in entry["eval"]:
+        args.append(f"--max-len {entry['eval']['max_len']}")
+    return " ".join(args)
+
+
+def protocol_arg(wildcards):
+    """How the pair's predictions were made, recorded in metrics.json."""
+    entry = model_entry(wildcards)
+    kind = family_spec(entry["family"]).kind
+    return quoted_json(evaluation_protocol(entry, kind, pair_stages(wildcards), MODELS))
 
 
 def vocabulary_inputs(wildcards):
@@ -131,8 +190,11 @@ def tracking_inputs(wildcards):
     d, m = wildcards.dataset, wildcards.model
     stages = pair_stages(wildcards)
     inputs = {}
-    artifacts = [f"benchmarks/extract_features/{d}/{m}/{stage}.tsv" for stage in stages]
-    artifacts += [f"benchmarks/rank/{d}/{m}/{stage}.tsv" for stage in stages]
+    if family_spec(model_entry(wildcards)["family"]).kind == "cross_encoder":
+        artifacts = [f"benchmarks/rerank/{d}/{m}/{stage}.tsv" for stage in stages]
+    else:
+        artifacts = [f"benchmarks/extract_features/{d}/{m}/{stage}.tsv" for stage in stages]
+        artifacts += [f"benchmarks/rank/{d}/{m}/{stage}.tsv" for stage in stages]
     artifacts += [f"benchmarks/score/{d}/{m}.tsv", f"benchmarks/prepare_model/{d}/{m}.tsv"]
     if "finetuned" in stages:
         inputs["train_log"] = f"work/{d}/{m}/train_log.jsonl"

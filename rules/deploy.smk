@@ -3,6 +3,8 @@
 
 
 rule export_stage:
+    wildcard_constraints:
+        model=DUAL_ENCODER_MODELS,
     input:
         model=stage_model_dir,
     output:
@@ -28,6 +30,8 @@ rule export_stage:
 # Under results/exports/ rather than results/{dataset}/{model}/export: the score rule owns
 # results/{dataset}/{model} as a directory output, and nothing may be nested inside it.
 rule export:
+    wildcard_constraints:
+        model=DUAL_ENCODER_MODELS,
     input:
         model="work/{dataset}/{model}/models/finetuned",
     output:

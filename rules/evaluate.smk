@@ -1,7 +1,10 @@
-# Evaluation stages: features of the evaluation split, exact top-k ranking, recall scoring.
+# Evaluation stages: features of the evaluation split and exact top-k ranking (dual encoders) or
+# pair scoring (cross encoders), then recall scoring.
 
 
 rule extract_features:
+    wildcard_constraints:
+        model=DUAL_ENCODER_MODELS,
     input:
         # the saved model, or with eval.engine inference its export (rule export_stage)
         model=stage_extraction_model,
@@ -27,6 +30,8 @@ rule extract_features:
 
 
 rule rank:
+    wildcard_constraints:
+        model=DUAL_ENCODER_MODELS,
     input:
         "work/{dataset}/{model}/{stage}/features",
     output:
@@ -52,6 +57,33 @@ rule rank:
         " --chunk-size {params.chunk_size} > {log} 2>&1"
 
 
+rule rerank:
+    wildcard_constraints:
+        model=CROSS_ENCODER_MODELS,
+    input:
+        unpack(rerank_inputs),
+    output:
+        t2i="work/{dataset}/{model}/{stage}/predictions/t2i_predictions.jsonl",
+        i2t="work/{dataset}/{model}/{stage}/predictions/i2t_predictions.jsonl",
+    params:
+        script=workflow_script("rerank.py"),
+        args=rerank_args,
+        top_k=lambda wildcards: model_entry(wildcards)["eval"]["top_k"],
+    log:
+        "logs/rerank/{dataset}/{model}/{stage}.log",
+    benchmark:
+        "benchmarks/rerank/{dataset}/{model}/{stage}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=24 * 60,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --model-dir {input.model} --split-dir {input.split} {params.args}"
+        " --top-k {params.top_k} --out-t2i {output.t2i} --out-i2t {output.i2t} > {log} 2>&1"
+
+
 rule score:
     input:
         unpack(stage_prediction_inputs),
@@ -63,6 +95,7 @@ rule score:
         split=lambda wildcards: dataset_entry(wildcards)["eval_split"],
         stages=stage_prediction_args,
         top_k=lambda wildcards: model_entry(wildcards)["eval"]["top_k"],
+        protocol=protocol_arg,
     log:
         "logs/score/{dataset}/{model}.log",
     benchmark:
@@ -76,4 +109,4 @@ rule score:
     shell:
         "python {params.script} --dataset {wildcards.dataset} --model {wildcards.model}"
         " --split {params.split} --split-dir {input.split} {params.stages} --top-k {params.top_k}"
-        " --out {output} > {log} 2>&1"
+        " --protocol {params.protocol} --out {output} > {log} 2>&1"

@@ -30,8 +30,8 @@ rule prepare_model:
 
 rule finetune:
     input:
-        model="work/{dataset}/{model}/models/init",
-        train="resources/{dataset}/lmdb/train",
+        # the initial model and the training split, and its region store for region families
+        unpack(finetune_inputs),
     output:
         model=directory("work/{dataset}/{model}/models/finetuned"),
         train_log="work/{dataset}/{model}/train_log.jsonl",
@@ -46,6 +46,7 @@ rule finetune:
         # and the GPUs each one shows in its environment.
         gpus=config["finetune"]["gpus"],
         cpu_ranks=config["finetune"]["cpu_ranks"],
+        regions=lambda wildcards, input: f"--regions {input.regions}" if "regions" in input.keys() else "",
     log:
         "logs/finetune/{dataset}/{model}.log",
     benchmark:
@@ -61,4 +62,4 @@ rule finetune:
     shell:
         "python {params.script} --model-dir {input.model} --train-data {input.train}"
         " --work-dir {params.work_dir} --final-dir {output.model} --train-log {output.train_log}"
-        " --ranks {params.cpu_ranks} --gpus {params.gpus} --hparams {params.hparams} > {log} 2>&1"
+        " --ranks {params.cpu_ranks} --gpus {params.gpus} --hparams {params.hparams} {params.regions} > {log} 2>&1"

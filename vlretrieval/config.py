@@ -115,3 +115,53 @@ EXTRACTION_KEYS = ("engine", "max_len", "image_batch_size", "text_batch_size")
 
 def subset(entry: dict, keys: tuple[str, ...]) -> dict:
     return {key: entry[key] for key in keys if key in entry}
+
+
+CROSS_ENCODER_PROTOCOLS = ("exhaustive", "two_stage")
+
+
+def model_names_pattern(models: dict[str, dict], kind: str) -> str:
+    """A wildcard regex matching exactly the registry's models of ``kind`` (and nothing when none is)."""
+    import re
+
+    from .models.registry import family_spec
+
+    names = sorted(name for name, entry in models.items() if family_spec(entry["family"]).kind == kind)
+    return "|".join(re.escape(name) for name in names) if names else "(?!)"
+
+
+def evaluation_protocol(entry: dict, kind: str, stages: list[str], models: dict[str, dict] | None = None) -> dict[str, Any]:
+    """How a pair's rankings are made, as recorded in ``metrics.json``.
+
+    Dual encoders rank by the inner product of L2-normalised features. Cross encoders score every
+    pair (``exhaustive``) or re-rank a dual encoder's top ``k`` (``two_stage``, with
+    ``eval.candidates: {model, stage, k}``); with ``models`` the candidate model is checked to be a
+    dual encoder of that registry.
+    """
+    evaluation = entry.get("eval", {})
+    top_k = int(evaluation.get("top_k", 10))
+    if kind == "dual_encoder":
+        return {"name": "dense", "similarity": "inner product of L2-normalised features", "top_k": top_k}
+    name = evaluation.get("protocol", "exhaustive")
+    if name not in CROSS_ENCODER_PROTOCOLS:
+        raise ConfigError(f"eval.protocol must be one of {', '.join(CROSS_ENCODER_PROTOCOLS)}, got {name!r}")
+    protocol: dict[str, Any] = {"name": name, "score": "cross-encoder ITM match log-odds", "top_k": top_k}
+    if name == "two_stage":
+        from .models.registry import family_spec
+
+        candidates = dict(evaluation.get("candidates") or {})
+        if "model" not in candidates:
+            raise ConfigError("eval.protocol two_stage needs eval.candidates.model, a dual encoder of the registry")
+        if models is not None:
+            candidate = require(models, candidates["model"], "candidate model")
+            if family_spec(candidate["family"]).kind != "dual_encoder":
+                raise ConfigError(f"eval.candidates.model {candidates['model']!r} is not a dual encoder")
+        candidates.setdefault("stage", "finetuned")
+        candidates.setdefault("k", 20)
+        if candidates["stage"] not in stages:
+            raise ConfigError(f"eval.candidates.stage {candidates['stage']!r} is not evaluated on this dataset "
+                              f"(stages: {', '.join(stages)})")
+        if int(candidates["k"]) < top_k:
+            raise ConfigError(f"eval.candidates.k={candidates['k']} is below top_k={top_k}")
+        protocol["candidates"] = candidates
+    return protocol

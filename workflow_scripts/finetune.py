@@ -1,4 +1,4 @@
-"""Fine-tune a dual encoder with paddle.distributed.launch: GPUs or CPU ranks (gloo), on one node or several.
+"""Fine-tune a model with paddle.distributed.launch: GPUs or CPU ranks (gloo), on one node or several.
 
 The ranks come from the environment: with --gpus N, the first N GPUs this node shows
 (CUDA_VISIBLE_DEVICES, or SLURM's GPU variables), else --ranks CPU ranks. In a SLURM job of several
@@ -18,6 +18,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, required=True, help="initial model directory")
     parser.add_argument("--train-data", type=Path, required=True, help="serialized training split")
+    parser.add_argument("--regions", type=Path, default=None, help="the split's region store (region families)")
     parser.add_argument("--work-dir", type=Path, required=True, help="checkpoints; a rerun resumes from here")
     parser.add_argument("--final-dir", type=Path, required=True, help="the fine-tuned model")
     parser.add_argument("--train-log", type=Path, required=True, help="copy of the per-step loss and learning rate")
@@ -36,7 +37,7 @@ def main(argv=None):
     )
     launch_finetune(
         args.model_dir, args.train_data, args.work_dir, args.final_dir,
-        train_log_copy=args.train_log, plan=plan, hparams=args.hparams,
+        train_log_copy=args.train_log, plan=plan, hparams=args.hparams, regions=args.regions,
     )
 
 

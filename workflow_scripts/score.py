@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from vlretrieval.cli import run
+from vlretrieval.cli import json_arg, run
 from vlretrieval.retrieval.evaluate import write_pair_results
 
 
@@ -22,11 +22,12 @@ def main(argv=None):
     parser.add_argument("--split-dir", type=Path, required=True, help="serialized evaluation split (holds texts.jsonl)")
     parser.add_argument("--stage", type=stage_arg, action="append", required=True, help="STAGE=PREDICTIONS_DIR, repeated")
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--protocol", type=json_arg, default=None, help="how the predictions were made (JSON)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     metrics = write_pair_results(
         args.out, dataset=args.dataset, model=args.model, split=args.split,
-        split_dir=args.split_dir, stage_predictions=dict(args.stage), k=args.top_k,
+        split_dir=args.split_dir, stage_predictions=dict(args.stage), k=args.top_k, protocol=args.protocol,
     )
     for stage, scores in metrics["stages"].items():
         print(f"{args.dataset}/{args.model} {stage}: mean recall {scores['mean_recall']:.2f}")

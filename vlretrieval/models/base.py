@@ -193,6 +193,10 @@ class DualEncoder:
             group=group,
         )
 
+    def training_loss(self, output: DualEncoderOutput, *, gather_with_grad: bool = False, group=None):
+        """The loss the trainer minimises: the contrastive loss."""
+        return self.contrastive_loss(output, gather_with_grad=gather_with_grad, group=group)
+
 
 class CrossEncoder:
     """Mixin for models that score (image, text) pairs jointly (kind ``"cross_encoder"``).
@@ -209,6 +213,10 @@ class CrossEncoder:
 
     def itm_loss(self, labels: "paddle.Tensor", **inputs: Any) -> "paddle.Tensor":
         """Image-text matching loss of ``n`` pairs with binary ``labels`` (1 = matching pair)."""
+        raise NotImplementedError
+
+    def training_loss(self, output: Any, **kwargs: Any) -> "paddle.Tensor":
+        """The loss the trainer minimises, from what ``forward`` returned for a training batch."""
         raise NotImplementedError
 
 
@@ -300,6 +308,37 @@ class ModelFamily:
 
     def write_model_info(self, out_dir: str | os.PathLike, info: dict[str, Any]) -> None:
         write_json(Path(out_dir) / MODEL_INFO_FILE, {"family": self.name, "kind": self.kind, **info})
+
+    # -- training data ------------------------------------------------------------------------------
+
+    #: Serialized data besides the split's LMDB that training and evaluation read: ``"regions"``
+    #: (detector region features and tags, :mod:`vlretrieval.data.regions`) or nothing.
+    extra_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def training_dataset(self, model: Any, tokenizer: Any, train_data: str | os.PathLike, *, max_len: int,
+                         hparams: dict[str, Any], regions: str | os.PathLike | None = None) -> Any:
+        """The dataset of training items; by default (dual encoders) one augmented pair per item."""
+        from ..training.data import FamilyTokenizer, PairDataset
+
+        return PairDataset(
+            train_data,
+            self.image_transform(model, train=True, hflip=hparams["hflip"]),
+            FamilyTokenizer(self.name, tokenizer),
+            max_len=max_len,
+        )
+
+    def training_collator(self, tokenizer: Any, model: Any, *, max_len: int) -> Any:
+        """Turns a list of :meth:`training_dataset` items into the keyword inputs of ``model.forward``
+        (texts of at most ``max_len`` tokens)."""
+        from ..training.data import PairCollator
+
+        return PairCollator(tokenizer.pad_token_id)
+
+    def pair_scorer(self, model_dir: str | os.PathLike, split_dir: str | os.PathLike, *,
+                    regions: str | os.PathLike | None = None, batch_size: int = 256,
+                    max_len: int | None = None) -> Any:
+        """Cross encoders: a :class:`vlretrieval.retrieval.rerank.PairScorer` of the split's pairs."""
+        raise ConfigError(f"{self.name} is a {self.kind}: it ranks by features, not by scoring pairs")
 
     # -- inputs -------------------------------------------------------------------------------------
 

@@ -9,12 +9,30 @@ from __future__ import annotations
 
 import importlib
 import threading
+from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import KINDS, ModelFamily
+from .base import CROSS_ENCODER, DUAL_ENCODER, KINDS, ModelFamily
 
-# Modules that register a built-in family on import.
-BUILTIN_FAMILY_MODULES: tuple[str, ...] = ("vlretrieval.models.ernie_vil", "vlretrieval.models.chinese_clip", "vlretrieval.models.bert_clip")
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What the workflow must know of a built-in family without importing it (the Snakefile is
+    parsed by every job, and the family modules import paddlenlp, which takes seconds)."""
+
+    module: str  # registers the family on import
+    kind: str
+    extra_inputs: tuple[str, ...] = ()  # serialized data besides the LMDB split (ModelFamily.extra_inputs)
+
+
+BUILTIN_FAMILIES: dict[str, FamilySpec] = {
+    "ernie_vil": FamilySpec("vlretrieval.models.ernie_vil", DUAL_ENCODER),
+    "chinese_clip": FamilySpec("vlretrieval.models.chinese_clip", DUAL_ENCODER),
+    "bert_clip": FamilySpec("vlretrieval.models.bert_clip", DUAL_ENCODER),
+    "vinvl": FamilySpec("vlretrieval.models.vinvl", CROSS_ENCODER, ("regions",)),
+    "bridgetower": FamilySpec("vlretrieval.models.bridgetower", CROSS_ENCODER),
+}
+BUILTIN_FAMILY_MODULES: tuple[str, ...] = tuple(spec.module for spec in BUILTIN_FAMILIES.values())
 
 _FAMILIES: dict[str, ModelFamily] = {}
 _lock = threading.RLock()
@@ -40,6 +58,10 @@ def _load_builtins() -> None:
             return
         for module in BUILTIN_FAMILY_MODULES:
             importlib.import_module(module)
+        for name, spec in BUILTIN_FAMILIES.items():
+            family = _FAMILIES.get(name)
+            if family is None or family.kind != spec.kind or tuple(family.extra_inputs) != spec.extra_inputs:
+                raise RuntimeError(f"built-in family {name!r} does not match its FamilySpec {spec}")
         _builtins_loaded = True
 
 
@@ -51,6 +73,16 @@ def get_family(name: str) -> ModelFamily:
     except KeyError:
         known = ", ".join(sorted(_FAMILIES)) or "none"
         raise ConfigError(f"unknown model family {name!r} (registered: {known})") from None
+
+
+def family_spec(name: str) -> FamilySpec:
+    """The :class:`FamilySpec` of family ``name``: from the built-in table when it is there (no
+    import), else from the registered family itself."""
+    spec = BUILTIN_FAMILIES.get(name)
+    if spec is not None:
+        return spec
+    family = get_family(name)
+    return FamilySpec(type(family).__module__, family.kind, tuple(family.extra_inputs))
 
 
 def list_families(kind: str | None = None) -> list[str]:

@@ -2,12 +2,13 @@
 
 ``metrics.json`` is the canonical record of a (dataset, model) pair::
 
-    {"dataset", "model", "split", "num_texts", "num_images", "k",
+    {"dataset", "model", "split", "num_texts", "num_images", "k", "protocol",
      "stages": {"zeroshot": {"text_to_image": {"r1", "r5", "r10", "mean_recall"},
                              "image_to_text": {...}, "mean_recall"},
                 "finetuned": {...}}}
 
-Values are percentages. Predictions are validated strictly against the split's gold texts and its
+``protocol`` says how the rankings were made (dense top-k of a dual encoder, or a cross encoder's
+exhaustive or two-stage scoring, :func:`vlretrieval.config.evaluation_protocol`). Values are percentages. Predictions are validated strictly against the split's gold texts and its
 image and text galleries before anything is scored.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..data.lmdb_store import SplitStore
 from ..io import atomic_directory, write_json
@@ -37,6 +38,7 @@ def write_pair_results(
     split_dir: str | os.PathLike,
     stage_predictions: Mapping[str, str | os.PathLike],
     k: int = 10,
+    protocol: Mapping[str, Any] | None = None,
 ) -> dict:
     """Score every stage's predictions and write the pair's results directory atomically.
 
@@ -65,6 +67,7 @@ def write_pair_results(
         "num_texts": len(text_ids),
         "num_images": len(image_ids),
         "k": int(k),
+        "protocol": dict(protocol) if protocol is not None else None,
         "stages": stages,
     }
     with atomic_directory(out_dir) as tmp:

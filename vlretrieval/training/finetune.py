@@ -391,16 +391,17 @@ def make_callbacks(train_log: Path, *, model_dir: Path, resumed_from: Path | Non
 # --------------------------------------------------------------------------------------------------
 
 
-def _contrastive_trainer_class():
+def _trainer_class():
     import paddle
     from paddlenlp.trainer import Trainer
 
-    class ContrastiveTrainer(Trainer):
-        """Trainer whose loss is our CLIP loss with cross-batch negatives over all ranks.
+    class RetrievalTrainer(Trainer):
+        """Trainer whose loss is the model's own ``training_loss`` of its ``forward`` output.
 
-        The model's ``forward`` returns local features (:class:`~vlretrieval.models.base.DualEncoderOutput`);
-        gathering happens once, in the loss. No evaluation metric: retrieval is scored by the
-        evaluation stage, on held-out data.
+        Dual encoders return local features (:class:`~vlretrieval.models.base.DualEncoderOutput`) and
+        gather them once, in the contrastive loss, for cross-batch negatives over all ranks; cross
+        encoders return matching logits with their labels. No evaluation metric: retrieval is scored
+        by the evaluation stage, on held-out data.
         """
 
         def __init__(self, *args, gather_with_grad: bool = False, **kwargs):
@@ -410,7 +411,7 @@ def _contrastive_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False):
             output = model(**inputs)
             # The family's own loss (self.model is the unwrapped model; `model` may be DataParallel).
-            loss = self.model.contrastive_loss(output, gather_with_grad=self.gather_with_grad)
+            loss = self.model.training_loss(output, gather_with_grad=self.gather_with_grad)
             return (loss, output) if return_outputs else loss
 
         def create_optimizer(self, lr_scheduler=None):
@@ -437,7 +438,7 @@ def _contrastive_trainer_class():
                 )
             return self.optimizer
 
-    return ContrastiveTrainer
+    return RetrievalTrainer
 
 
 def apply_freezing(model, lit: bool | None = None) -> set[str]:
@@ -616,8 +617,12 @@ def finetune(
     family_name: str | None = None,
     device: str = "auto",
     disable_tqdm: bool | None = None,
+    regions: str | os.PathLike | None = None,
 ) -> FinetuneResult:
     """Fine-tune the model in ``model_dir`` on the serialized split ``train_data``.
+
+    ``regions`` is the split's region store, for families that read detector regions
+    (``family.extra_inputs``).
 
     Call once per rank (under ``paddle.distributed.launch``) or in a single process. Resumes from
     the newest complete checkpoint in ``output_dir``; writes ``final_dir`` atomically on rank 0.
@@ -626,9 +631,8 @@ def finetune(
     import paddle.distributed as dist
     from paddlenlp.trainer import TrainingArguments
 
-    from ..models.base import DUAL_ENCODER, read_model_info
+    from ..models.base import read_model_info
     from ..models.registry import get_family
-    from .data import FamilyTokenizer, PairCollator, PairDataset
     from .losses import distributed_world
 
     exit_when_orphaned()
@@ -639,8 +643,8 @@ def finetune(
     paddle.set_device(device)
 
     family = get_family(family_name or read_model_info(model_dir)["family"])
-    if family.kind != DUAL_ENCODER:
-        raise ConfigError(f"fine-tuning is implemented for dual encoders; {family.name} is a {family.kind}")
+    if "regions" in family.extra_inputs and regions is None:
+        raise ConfigError(f"{family.name} trains on detector regions: give the region store of {train_data}")
     recompute = hparams["recompute"] and family.supports_recompute
     max_len = hparams["train_max_len"] or family.train_max_len
 
@@ -679,12 +683,7 @@ def finetune(
     # Before the Trainer wraps the model: DataParallel decides at construction which parameters it syncs.
     frozen = apply_freezing(model, hparams["lit"])
     model.train()
-    dataset = PairDataset(
-        train_data,
-        family.image_transform(model, train=True, hflip=hparams["hflip"]),
-        FamilyTokenizer(family.name, tokenizer),
-        max_len=max_len,
-    )
+    dataset = family.training_dataset(model, tokenizer, train_data, max_len=max_len, hparams=hparams, regions=regions)
     global_batch = hparams["per_device_train_batch_size"] * world
     if len(dataset) < global_batch:
         raise ConfigError(
@@ -712,12 +711,12 @@ def finetune(
         "trainable_parameters": len(trainable_parameters(model)),
         "hparams": hparams,
     }
-    trainer_cls = _contrastive_trainer_class()
+    trainer_cls = _trainer_class()
     trainer = trainer_cls(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=PairCollator(tokenizer.pad_token_id),
+        data_collator=family.training_collator(tokenizer, model, max_len=max_len),
         tokenizer=tokenizer,
         callbacks=make_callbacks(
             output_dir / TRAIN_LOG, model_dir=model_dir, resumed_from=resume_path, run_info=run_info
@@ -1151,21 +1150,26 @@ RESUMABLE_CHANGES = frozenset({"logging_steps", "save_steps", "save_total_limit"
 
 
 def run_identity(model_dir: str | os.PathLike, train_data: str | os.PathLike, hparams: Mapping[str, Any],
-                 n_ranks: int) -> dict[str, Any]:
+                 n_ranks: int, regions: str | os.PathLike | None = None) -> dict[str, Any]:
     """What a run's checkpoints depend on: starting weights, training data, recipe and world size.
 
     Keys in :data:`RESUMABLE_CHANGES` are left out: changing them resumes the same run.
     """
     from ..io import sha256_file
 
+    from ..data.regions import REGIONS_DIR
+
     model_dir, train_data = Path(model_dir), Path(train_data)
-    return {
+    identity = {
         "weights": {p.name: sha256_file(p) for p in sorted(model_dir.glob("*.pdparams"))},
         "train_texts": sha256_file(train_data / "texts.jsonl"),
         "train_images": sha256_file(train_data / "imgs" / "data.mdb"),
         "hparams": {key: value for key, value in sorted(hparams.items()) if key not in RESUMABLE_CHANGES},
         "ranks": int(n_ranks),
     }
+    if regions is not None:
+        identity["train_regions"] = sha256_file(Path(regions) / REGIONS_DIR / "data.mdb")
+    return identity
 
 
 def claim_work_dir(work_dir: str | os.PathLike, identity: Mapping[str, Any]) -> bool:
@@ -1209,6 +1213,7 @@ def launch_finetune(
     train_log_copy: str | os.PathLike | None = None,
     family_name: str | None = None,
     max_restart: int = 0,
+    regions: str | os.PathLike | None = None,
 ) -> dict[str, Any] | None:
     """Run :func:`finetune` through ``paddle.distributed.launch`` and wait.
 
@@ -1236,7 +1241,7 @@ def launch_finetune(
     owner = plan.slurm or plan.node_rank == 0
     if owner:
         # World size, not ranks per node: the same ranks spread over other nodes compute the same.
-        claim_work_dir(work_dir, run_identity(model_dir, train_data, resolved, plan.world_size))
+        claim_work_dir(work_dir, run_identity(model_dir, train_data, resolved, plan.world_size, regions))
     args = [
         "--model-dir", os.fspath(model_dir), "--train-data", os.fspath(train_data),
         "--output-dir", os.fspath(work_dir), "--final-dir", os.fspath(final_dir),
@@ -1244,6 +1249,8 @@ def launch_finetune(
     ]
     if family_name:
         args += ["--family", family_name]
+    if regions is not None:
+        args += ["--regions", os.fspath(regions)]
     if plan.nnodes == 1:
         cmd = launch_command(plan.nproc_per_node, plan.use_gpu, log_dir, args, max_restart=max_restart,
                              devices=plan.devices or None)
@@ -1344,7 +1351,7 @@ def _int_or_none(text: str | None) -> int | None:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m vlretrieval.training.finetune",
-        description="Contrastive fine-tuning of a dual encoder (run under paddle.distributed.launch for several ranks).",
+        description="Fine-tuning of a model family with its own loss (run under paddle.distributed.launch for several ranks).",
     )
     parser.add_argument("--model-dir", required=True, type=Path, help="initial model directory (prepare_initial_model)")
     parser.add_argument("--train-data", required=True, type=Path, help="serialized training split (LMDB directory)")
@@ -1352,6 +1359,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--final-dir", required=True, type=Path, help="where the fine-tuned model is saved")
     parser.add_argument("--hparams-json", default=None, help="JSON object overriding DEFAULT_HPARAMS")
     parser.add_argument("--family", default=None, help="model family (default: from the model directory)")
+    parser.add_argument("--regions", default=None, type=Path, help="region store of the training split (region families)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     return parser.parse_args(argv)
 
@@ -1375,6 +1383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hparams=overrides,
             family_name=args.family,
             device=args.device,
+            regions=args.regions,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
