@@ -299,7 +299,8 @@ class VinVLFamily(ModelFamily):
 
         if regions is None:
             raise ConfigError(f"{self.name} trains on detector regions: give the region store of {train_data}")
-        return RegionPairDataset(train_data, regions, self.name, tokenizer)
+        return RegionPairDataset(train_data, regions, self.name, tokenizer,
+                                 negative_candidates=hparams["itm_negative_candidates"])
 
     def training_collator(self, tokenizer: Any, model: Any, *, max_len: int) -> Any:
         from ..training.itm import RegionPairCollator

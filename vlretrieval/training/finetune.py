@@ -91,6 +91,9 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "save_steps": 500,
     "save_total_limit": 3,  # 0 keeps every checkpoint
     "dataloader_num_workers": 0,
+    # Cross encoders trained on ITM (VinVL): each positive's negative is the one of this many random
+    # swaps whose image shares the most objects with the positive's; 1 is the reference's random negative.
+    "itm_negative_candidates": 1,
 }
 
 
@@ -129,6 +132,8 @@ def resolve_hparams(overrides: Mapping[str, Any] | None = None) -> dict[str, Any
     for key in ("recompute", "hflip", "gather_with_grad"):
         if not isinstance(hparams[key], bool):
             raise ConfigError(f"hyperparameter {key} must be true or false, got {hparams[key]!r}")
+    if not isinstance(hparams["itm_negative_candidates"], int) or hparams["itm_negative_candidates"] < 1:
+        raise ConfigError(f"hyperparameter itm_negative_candidates must be a positive integer, got {hparams['itm_negative_candidates']!r}")
     if hparams["lit"] is not None and not isinstance(hparams["lit"], bool):
         raise ConfigError(f"hyperparameter lit must be true, false or null, got {hparams['lit']!r}")
     if hparams["train_max_len"] is not None and (not isinstance(hparams["train_max_len"], int) or hparams["train_max_len"] < 2):

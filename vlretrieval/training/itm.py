@@ -33,10 +33,13 @@ class RegionPairDataset(Dataset):
     """
 
     def __init__(self, split_dir: str | os.PathLike, regions_dir: str | os.PathLike, family_name: str,
-                 tokenizer: Any, *, swap_probability: float = 0.5):
+                 tokenizer: Any, *, swap_probability: float = 0.5, negative_candidates: int = 1):
         super().__init__()
         if not 0.0 <= swap_probability <= 1.0:
             raise ValueError(f"swap_probability must be in [0, 1], got {swap_probability}")
+        if negative_candidates < 1:
+            raise ValueError(f"negative_candidates must be at least 1, got {negative_candidates}")
+        self.negative_candidates = int(negative_candidates)
         self.split_dir = Path(split_dir)
         self.regions = RegionStore(regions_dir)
         self.family_name = family_name
@@ -62,6 +65,10 @@ class RegionPairDataset(Dataset):
                                               f"first {missing[:5]}; rebuild the region store for this split")
         if len(self.image_ids) < 2:
             raise DataError(str(split_dir), "ITM negatives need at least two images in the split")
+        # Object tags of every image, to pick among several candidate negatives the one sharing the
+        # most objects with the positive (not needed for the reference's single random draw).
+        self._image_tags = ({image_id: frozenset(self.regions.tags(image_id)) for image_id in self.image_ids}
+                            if self.negative_candidates > 1 else {})
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -79,9 +86,9 @@ class RegionPairDataset(Dataset):
         )
         return {"caption_ids": caption_ids, "tag_ids": tag_ids, "regions": regions.features, "label": label}
 
-    def negative_for(self, image_id: int, caption_position: int, rng: random.Random) -> tuple[int, int]:
-        """(caption position, image id) of a non-matching pair made from a positive by one swap."""
-        if rng.random() < self.swap_probability:
+    def _random_negative(self, image_id: int, caption_position: int, swap_caption: bool,
+                         rng: random.Random) -> tuple[int, int]:
+        if swap_caption:
             # Another caption: redraw while it describes this image too.
             for _ in range(100):
                 candidate = rng.randrange(len(self._captions))
@@ -95,6 +102,35 @@ class RegionPairDataset(Dataset):
                     return caption_position, candidate
         raise DataError(str(self.split_dir), f"no negative found for image {image_id} in 100 draws: "
                                              "nearly every caption matches every image")
+
+    def _shared_objects(self, image_id: int, negative: tuple[int, int], swap_caption: bool) -> int:
+        tags = self._image_tags[image_id]
+        if swap_caption:
+            # A swapped-in caption describes the images it is gold for; compare with its first one.
+            other = min(self._gold_images[negative[0]], default=None)
+        else:
+            other = negative[1]
+        return len(tags & self._image_tags[other]) if other in self._image_tags else 0
+
+    def negative_for(self, image_id: int, caption_position: int, rng: random.Random) -> tuple[int, int]:
+        """(caption position, image id) of a non-matching pair made from a positive by one swap.
+
+        The caption is swapped with probability ``swap_probability``, else the image. With
+        ``negative_candidates`` k > 1, k such negatives are drawn and the one whose image shares the
+        most object tags with the positive's is kept: a harder negative, which a from-scratch model
+        needs to learn more than "most words match".
+        """
+        swap_caption = rng.random() < self.swap_probability
+        best = self._random_negative(image_id, caption_position, swap_caption, rng)
+        if self.negative_candidates == 1:
+            return best
+        best_shared = self._shared_objects(image_id, best, swap_caption)
+        for _ in range(self.negative_candidates - 1):
+            candidate = self._random_negative(image_id, caption_position, swap_caption, rng)
+            shared = self._shared_objects(image_id, candidate, swap_caption)
+            if shared > best_shared:
+                best, best_shared = candidate, shared
+        return best
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id, caption_position = self._pairs[int(index)]
