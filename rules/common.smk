@@ -8,6 +8,7 @@ from vlretrieval.config import (
     DOWNLOAD_KEYS,
     EXTRACTION_KEYS,
     SOURCE_KEYS,
+    configured_pairs,
     evaluation_protocol,
     evaluation_stages,
     load_datasets,
@@ -32,9 +33,14 @@ def workflow_path(path):
 DATASETS = load_datasets(workflow_path(config["datasets_file"]))
 MODELS = load_models(workflow_path(config["models_file"]))
 
-for _name in config["grid"]["datasets"]:
+
+def grid_pairs():
+    return configured_pairs(config)
+
+
+for _name in {dataset for dataset, _ in grid_pairs()}:
     require(DATASETS, _name, "dataset")
-for _name in config["grid"]["models"]:
+for _name in {model for _, model in grid_pairs()}:
     require(MODELS, _name, "model")
 
 
@@ -109,7 +115,7 @@ def rerank_inputs(wildcards):
     if "regions" in family_extra_inputs(wildcards):
         inputs["regions"] = f"resources/{wildcards.dataset}/regions/{split}"
     protocol = evaluation_protocol(entry, "cross_encoder", pair_stages(wildcards), MODELS)
-    if protocol["name"] == "two_stage":
+    if protocol["name"] == "two_stage" and "model" in protocol["candidates"]:
         candidates = protocol["candidates"]
         inputs["candidates"] = f"work/{wildcards.dataset}/{candidates['model']}/{candidates['stage']}/features"
     return inputs
@@ -122,7 +128,8 @@ def rerank_args(wildcards, input):
     if "regions" in input.keys():
         args.append(f"--regions {input.regions}")
     if protocol["name"] == "two_stage":
-        args.append(f"--candidates {input.candidates} --candidates-k {protocol['candidates']['k']}")
+        first_stage = input.candidates if "candidates" in input.keys() else protocol["candidates"]["head"]
+        args.append(f"--candidates {first_stage} --candidates-k {protocol['candidates']['k']}")
     if "max_len" in entry["eval"]:
         args.append(f"--max-len {entry['eval']['max_len']}")
     return " ".join(args)
@@ -168,10 +175,6 @@ def stage_prediction_args(wildcards):
         f"--stage {stage}=work/{wildcards.dataset}/{wildcards.model}/{stage}/predictions"
         for stage in pair_stages(wildcards)
     )
-
-
-def grid_pairs():
-    return [(dataset, model) for dataset in config["grid"]["datasets"] for model in config["grid"]["models"]]
 
 
 def grid_results():

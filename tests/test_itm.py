@@ -63,26 +63,43 @@ def test_items_pair_a_positive_with_a_true_negative(split):
     assert 0.3 < swapped_captions / len(dataset) < 0.7  # p = 0.5 over 200 items
 
 
-def test_negative_never_matches_and_more_candidates_share_more_objects(split):
-    root, texts, tokenizer = split
-    random_neg = RegionPairDataset(root / "lmdb", root / "regions", "vinvl", tokenizer)
-    harder_neg = RegionPairDataset(root / "lmdb", root / "regions", "vinvl", tokenizer, negative_candidates=8)
-    tags = {i: set(RegionStore(root / "regions").tags(i)) for i in random_neg.image_ids}
-    shared = {}
-    for name, dataset in (("random", random_neg), ("harder", harder_neg)):
-        rng = random.Random(1)
-        counts = []
-        for index in range(len(dataset)):
-            image_id, caption_position = dataset._pairs[index]
-            for _ in range(5):
-                neg_caption, neg_image = dataset.negative_for(image_id, caption_position, rng)
-                assert neg_image not in dataset._gold_images[neg_caption]
-                other = neg_image if neg_caption == caption_position else min(dataset._gold_images[neg_caption])
-                counts.append(len(tags[image_id] & tags[other]))
-        shared[name] = float(np.mean(counts))
-    assert shared["harder"] > shared["random"] + 0.3, shared
+def test_negatives_never_match_and_candidates_come_in_groups(split):
+    root, _, tokenizer = split
+    dataset = RegionPairDataset(root / "lmdb", root / "regions", "vinvl", tokenizer, negative_candidates=4)
+    rng = random.Random(1)
+    for index in range(len(dataset)):
+        image_id, caption_position = dataset._pairs[index]
+        for _ in range(5):
+            neg_caption, neg_image = dataset.negative_for(image_id, caption_position, rng)
+            assert neg_image not in dataset._gold_images[neg_caption]
+            assert (neg_caption == caption_position) != (neg_image == image_id)
+    batch = RegionPairCollator("vinvl", tokenizer, max_len=32, max_regions=4)([dataset[0], dataset[1]])
+    assert batch["labels"].tolist() == [1, 0, 0, 0, 0] * 2
+    assert batch["negative_candidates"].tolist() == [4]
     with pytest.raises(ValueError, match="negative_candidates"):
         RegionPairDataset(root / "lmdb", root / "regions", "vinvl", tokenizer, negative_candidates=0)
+
+
+def test_the_model_trains_on_the_negative_it_scores_highest(split):
+    import paddle
+
+    from vlretrieval.models.registry import get_family
+
+    root, _, tokenizer = split
+    family = get_family("vinvl")
+    model, _ = family.build_tiny(root / "vocab.txt", seed=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    dataset = RegionPairDataset(root / "lmdb", root / "regions", "vinvl", tokenizer, negative_candidates=3)
+    random.seed(2)
+    batch = RegionPairCollator("vinvl", tokenizer, max_len=32, max_regions=4)([dataset[i] for i in range(4)])
+    tensors = {key: paddle.to_tensor(value) for key, value in batch.items() if key != "labels"}
+    with paddle.no_grad():
+        output = model(**tensors)
+        plain = {key: value for key, value in tensors.items() if key != "negative_candidates"}
+        scores = model.score_pairs(**plain).numpy().reshape(4, 4)  # rows: positive, then 3 candidates
+    assert output.labels.numpy().tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    log_odds = (output.logits[:, 1] - output.logits[:, 0]).numpy()
+    np.testing.assert_allclose(log_odds[:4], scores[:, 0], atol=1e-5)
+    np.testing.assert_allclose(log_odds[4:], scores[:, 1:].max(axis=1), atol=1e-5)
 
 
 def test_collator_flattens_items_into_labelled_pairs(split):

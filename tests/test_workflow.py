@@ -98,7 +98,9 @@ def _brute_force_recall(predictions: dict[int, list[int]], gold: dict[int, set[i
 
 def _default_grid() -> list[tuple[str, str]]:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
-    return [(d, m) for d in config["grid"]["datasets"] for m in config["grid"]["models"]]
+    from vlretrieval.config import configured_pairs
+
+    return configured_pairs(config)
 
 
 def _read_jsonl(path):

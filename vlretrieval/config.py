@@ -101,6 +101,20 @@ def pair_config(config: dict, models: dict[str, dict], dataset: str, model: str)
     return effective
 
 
+def configured_pairs(config: dict) -> list[tuple[str, str]]:
+    """The grid's (dataset, model) pairs: the cross product of grid.datasets and grid.models, then
+    grid.pairs ("dataset/model"), without repeats."""
+    grid = config["grid"]
+    pairs = [(dataset, model) for dataset in grid["datasets"] for model in grid["models"]]
+    for extra in grid.get("pairs", []):
+        dataset, sep, model = extra.partition("/")
+        if not (dataset and sep and model):
+            raise ConfigError(f"grid.pairs entry {extra!r} is not 'dataset/model'")
+        if (dataset, model) not in pairs:
+            pairs.append((dataset, model))
+    return pairs
+
+
 def evaluation_stages(dataset_entry: dict) -> list[str]:
     """Stages evaluated for a dataset: fine-tuning needs a train split (COCO-CN has only test)."""
     return ["zeroshot", "finetuned"] if "train" in dataset_entry["splits"] else ["zeroshot"]
@@ -134,9 +148,10 @@ def evaluation_protocol(entry: dict, kind: str, stages: list[str], models: dict[
     """How a pair's rankings are made, as recorded in ``metrics.json``.
 
     Dual encoders rank by the inner product of L2-normalised features. Cross encoders score every
-    pair (``exhaustive``) or re-rank a dual encoder's top ``k`` (``two_stage``, with
-    ``eval.candidates: {model, stage, k}``); with ``models`` the candidate model is checked to be a
-    dual encoder of that registry.
+    pair (``exhaustive``) or re-rank the top ``k`` of a first stage (``two_stage``): a dual encoder
+    (``eval.candidates: {model, stage, k}``) or their own contrastive head (``{head: itc, k}``,
+    BridgeTower's ``k_test``). With ``models`` a candidate model is checked to be a dual encoder of
+    that registry.
     """
     evaluation = entry.get("eval", {})
     top_k = int(evaluation.get("top_k", 10))
@@ -150,18 +165,23 @@ def evaluation_protocol(entry: dict, kind: str, stages: list[str], models: dict[
         from .models.registry import family_spec
 
         candidates = dict(evaluation.get("candidates") or {})
-        if "model" not in candidates:
-            raise ConfigError("eval.protocol two_stage needs eval.candidates.model, a dual encoder of the registry")
+        if ("model" in candidates) == ("head" in candidates):
+            raise ConfigError("eval.protocol two_stage needs either eval.candidates.model (a dual encoder of the "
+                              "registry) or eval.candidates.head (the cross encoder's own itc head)")
+        candidates.setdefault("k", 20)
+        if int(candidates["k"]) < top_k:
+            raise ConfigError(f"eval.candidates.k={candidates['k']} is below top_k={top_k}")
+        if "head" in candidates:
+            candidates.pop("stage", None)
+            protocol["candidates"] = candidates
+            return protocol
         if models is not None:
             candidate = require(models, candidates["model"], "candidate model")
             if family_spec(candidate["family"]).kind != "dual_encoder":
                 raise ConfigError(f"eval.candidates.model {candidates['model']!r} is not a dual encoder")
         candidates.setdefault("stage", "finetuned")
-        candidates.setdefault("k", 20)
         if candidates["stage"] not in stages:
             raise ConfigError(f"eval.candidates.stage {candidates['stage']!r} is not evaluated on this dataset "
                               f"(stages: {', '.join(stages)})")
-        if int(candidates["k"]) < top_k:
-            raise ConfigError(f"eval.candidates.k={candidates['k']} is below top_k={top_k}")
         protocol["candidates"] = candidates
     return protocol

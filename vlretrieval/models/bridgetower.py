@@ -29,6 +29,17 @@ vision_hidden]``: entry ``k`` is the output of uni-modal layer ``N - K + k`` (im
 ``ln_post``). That is everything the cross-modal stack and the ITC heads read, so retrieval encodes
 each text and each image once and runs only :meth:`~BridgeTowerForRetrieval.cross_modal` per pair;
 a batch of 1 on either side is broadcast against the other.
+
+Fine-tuning
+-----------
+Called with ``image_ids`` (as :class:`BridgeTowerCollator` batches are), ``forward`` returns a
+:class:`BridgeTowerTrainingOutput` and :meth:`~BridgeTowerForRetrieval.training_loss` is ITC + ITM
+with equal weights: ITC between the two towers over the batch gathered from all ranks, every pair of
+the same image a positive (:func:`multi_positive_itc_loss`); ITM over the positives and one hard
+negative per text and per image, drawn from the ITC softmax within the local batch
+(:func:`sample_hard_negatives`). The cross-modal ITC head takes no part and is frozen
+(:meth:`~BridgeTowerForRetrieval.frozen_parameter_names`). :class:`BridgeTowerPairScorer` scores
+pairs for re-ranking and gives the ITC first stage.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import paddle
@@ -675,10 +686,120 @@ class BridgeTowerForRetrieval(BridgeTowerPretrainedModel, CrossEncoder):
             self.encode_texts_unimodal(input_ids, attention_mask), attention_mask, self.encode_images_unimodal(pixel_values)
         )
 
-    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, **_: Any) -> paddle.Tensor:
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_ids=None, **_: Any):
+        """ITM logits ``[n, 2]`` of aligned pairs; with ``image_ids`` (a training batch) the
+        :class:`BridgeTowerTrainingOutput` of :meth:`training_forward` instead."""
         if input_ids is None or pixel_values is None:
             raise ValueError("BridgeTowerForRetrieval.forward needs input_ids and pixel_values")
+        if image_ids is not None:
+            return self.training_forward(input_ids, attention_mask, pixel_values, image_ids)
         return self.itm_logits(input_ids, attention_mask, pixel_values)
+
+    # -- training (ITC + ITM with hard negatives) ---------------------------------------------------
+
+    def training_forward(
+        self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor | None, pixel_values: paddle.Tensor,
+        image_ids: paddle.Tensor | np.ndarray,
+    ) -> "BridgeTowerTrainingOutput":
+        """Everything the ITC + ITM objective needs from a batch of ``n`` aligned (image, text) pairs.
+
+        ``image_ids`` ``[n]`` names each pair's image; pairs that share one are all positives of
+        each other, in ITC and when drawing negatives.
+
+        ITM scores ``3n``-ish pairs: the ``n`` positives, each text with one hard negative image and
+        each image with one hard negative text. A negative is drawn with probability proportional
+        to the softmax of the (detached) ITC similarities, every same-image entry excluded
+        (:func:`sample_hard_negatives`), as in ALBEF, METER and BridgeTower. Negatives come from the
+        *local* batch only: the cross-modal layers read all ``K`` uni-modal layer states of both
+        sides, which other ranks would have to send (and receive gradients for) in full, whereas ITC
+        needs only one vector per item and is gathered globally in :meth:`training_loss`. A row
+        whose local batch holds no other image has no negative and contributes only its positive.
+        """
+        if attention_mask is None:
+            attention_mask = paddle.ones_like(input_ids)
+        if not isinstance(image_ids, paddle.Tensor):
+            image_ids = paddle.to_tensor(np.asarray(image_ids, dtype=np.int64))
+        image_ids = image_ids.astype("int64").reshape([-1])
+        n = input_ids.shape[0]
+        if pixel_values.shape[0] != n or image_ids.shape[0] != n:
+            raise ValueError(
+                f"a training batch pairs texts, images and image ids row by row, got {n} texts, "
+                f"{pixel_values.shape[0]} images and {image_ids.shape[0]} image ids"
+            )
+        text_states = self.encode_texts_unimodal(input_ids, attention_mask)
+        image_states = self.encode_images_unimodal(pixel_values)
+        text_features = self.itc_text_features(text_states)
+        image_features = self.itc_image_features(image_states)
+        logit_scale = self.logit_scale()
+
+        with paddle.no_grad():
+            similarity = logit_scale.detach() * paddle.matmul(
+                text_features.detach(), image_features.detach(), transpose_y=True
+            )
+            texts_with_negative, negative_images = sample_hard_negatives(similarity, image_ids)
+            images_with_negative, negative_texts = sample_hard_negatives(similarity.T, image_ids)
+
+        def take(tensor: paddle.Tensor, index: paddle.Tensor, axis: int) -> paddle.Tensor:
+            return paddle.index_select(tensor, index, axis=axis)
+
+        text_side = [text_states, take(text_states, texts_with_negative, 1), take(text_states, negative_texts, 1)]
+        mask_side = [attention_mask, take(attention_mask, texts_with_negative, 0), take(attention_mask, negative_texts, 0)]
+        image_side = [image_states, take(image_states, negative_images, 1), take(image_states, images_with_negative, 1)]
+        itm_logits = self.itm_logits_from_states(
+            paddle.concat(text_side, axis=1), paddle.concat(mask_side, axis=0), paddle.concat(image_side, axis=1)
+        )
+        negatives = texts_with_negative.shape[0] + images_with_negative.shape[0]
+        itm_labels = paddle.concat([paddle.ones([n], dtype="int64"), paddle.zeros([negatives], dtype="int64")])
+        return BridgeTowerTrainingOutput(
+            text_features=text_features,
+            image_features=image_features,
+            image_ids=image_ids,
+            logit_scale=logit_scale,
+            itm_logits=itm_logits,
+            itm_labels=itm_labels,
+        )
+
+    def training_loss_parts(
+        self, output: "BridgeTowerTrainingOutput", *, gather_with_grad: bool = False, group=None
+    ) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """``(itc, itm)``: the multi-positive contrastive loss over the global batch and the ITM
+        cross-entropy over this rank's positives and hard negatives."""
+        itc = multi_positive_itc_loss(
+            output.text_features, output.image_features, output.image_ids, output.logit_scale,
+            gather_with_grad=gather_with_grad, group=group,
+        )
+        itm = F.cross_entropy(output.itm_logits, output.itm_labels.reshape([-1]), reduction="mean")
+        return itc, itm
+
+    def training_loss(self, output: "BridgeTowerTrainingOutput", *, gather_with_grad: bool = False, group=None):
+        """ITC + ITM with equal weights, as BridgeTower's image-text retrieval fine-tuning."""
+        itc, itm = self.training_loss_parts(output, gather_with_grad=gather_with_grad, group=group)
+        return itc + itm
+
+    def frozen_parameter_names(self) -> set[str]:
+        """Parameters the training objective never reads, kept out of the optimizer.
+
+        * ``itc_cross_modal_head``: only HF's contrastive pre-training objective uses the cross-modal
+          embedding; fine-tuning for retrieval (ITC between the towers + ITM) does not, and a
+          trainable parameter that never gets a gradient stalls ``paddle.DataParallel``'s reducer
+          unless ``find_unused_parameters`` is on. Freezing keeps its (converted) weights as they
+          are instead of adding a third objective the recipe does not have.
+        * vision blocks deeper than the text tower, which the forward pass never runs.
+        * with ``vision_config.stop_gradient`` the whole vision tower up to ``ln_post``, whose
+          outputs are detached.
+        """
+        depth = len(self.text.layers)
+        frozen = set()
+        for name, _ in self.named_parameters():
+            if name.startswith("itc_cross_modal_head."):
+                frozen.add(name)
+            elif name.startswith("vision.blocks."):
+                if int(name.split(".")[2]) >= depth or self.config.vision_config.stop_gradient:
+                    frozen.add(name)
+            elif name.startswith("vision.") and not name.startswith("vision.ln_post."):
+                if self.config.vision_config.stop_gradient:
+                    frozen.add(name)
+        return frozen
 
     def score_pairs(
         self, input_ids: paddle.Tensor = None, attention_mask: paddle.Tensor | None = None,
@@ -704,6 +825,84 @@ class BridgeTowerForRetrieval(BridgeTowerPretrainedModel, CrossEncoder):
     def no_weight_decay_names(self) -> set[str]:
         # Decaying the log-scale would pull the temperature towards 1, flattening the ITC softmax.
         return {"log_logit_scale"}
+
+
+class BridgeTowerTrainingOutput(NamedTuple):
+    """What :meth:`BridgeTowerForRetrieval.training_forward` returns; local (un-gathered) values.
+
+    ``logit_scale`` travels with the output so that the temperature is reachable from it (as in
+    :class:`~vlretrieval.models.base.DualEncoderOutput`): ``paddle.DataParallel`` only follows
+    what the loss reaches from the forward outputs.
+    """
+
+    text_features: paddle.Tensor  # [n, itc_dim], L2-normalised
+    image_features: paddle.Tensor  # [n, itc_dim], L2-normalised
+    image_ids: paddle.Tensor  # [n] int64, the image of each pair
+    logit_scale: paddle.Tensor  # [1], exp of the learnable log-temperature
+    itm_logits: paddle.Tensor  # [n + negatives, 2]
+    itm_labels: paddle.Tensor  # [n + negatives] int64: n ones, then zeros
+
+
+def sample_hard_negatives(similarity: paddle.Tensor, image_ids: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """One hard negative column for each row of ``similarity`` ``[n, n]`` (rows and columns are the
+    pairs of one batch, ``image_ids`` ``[n]`` their images).
+
+    Column ``c`` is drawn for row ``r`` with probability proportional to ``softmax(similarity[r])[c]``
+    with every column of the same image as ``r`` set to zero, which is the softmax over the other
+    images' columns alone (computed that way, so a dominant positive cannot underflow the rest to
+    zero). Rows without any other image in the batch have no negative and are left out. Returns
+    ``(rows, columns)``, both int64 ``[m]``.
+    """
+    image_ids = image_ids.reshape([-1])
+    same = image_ids.unsqueeze(1) == image_ids.unsqueeze(0)
+    has_negative = paddle.logical_not(same).any(axis=1)
+    rows = paddle.nonzero(has_negative).reshape([-1]).astype("int64")
+    if rows.shape[0] == 0:
+        return rows, rows
+    logits = paddle.where(same, paddle.full_like(similarity, -float("inf")), similarity.astype("float32"))
+    weights = F.softmax(paddle.index_select(logits, rows, axis=0), axis=1)
+    columns = paddle.multinomial(weights, num_samples=1).reshape([-1]).astype("int64")
+    return rows, columns
+
+
+def multi_positive_itc_loss(
+    text_features: paddle.Tensor,
+    image_features: paddle.Tensor,
+    image_ids: paddle.Tensor,
+    logit_scale: paddle.Tensor | float,
+    *,
+    gather_with_grad: bool = False,
+    group=None,
+) -> paddle.Tensor:
+    """This rank's image-text contrastive loss with every same-image pair counted as positive.
+
+    Local rows score against the global batch, as :func:`vlretrieval.training.losses.clip_contrastive_loss`
+    does (so the mean over ranks is the full-batch loss). The target of a row is uniform over the
+    global columns whose image id equals the row's: a COCO image appears with several captions in
+    one batch, and calling those captions negatives would push apart what the data calls a match.
+    Soft-target cross-entropy in both directions (text->image, image->text), averaged.
+    """
+    from ..training.losses import check_equal_batch_sizes, distributed_world, gather_features
+
+    local = text_features.shape[0]
+    _, world = distributed_world() if group is None else (group.rank, group.nranks)
+    if world > 1:
+        check_equal_batch_sizes(local, group)
+    all_texts = gather_features(text_features, gather_with_grad=gather_with_grad, group=group)
+    all_images = gather_features(image_features, gather_with_grad=gather_with_grad, group=group)
+    image_ids = image_ids.reshape([-1]).astype("int64")
+    all_ids = gather_features(image_ids, gather_with_grad=False, group=group)
+    if isinstance(logit_scale, paddle.Tensor):
+        logit_scale = logit_scale.reshape([])
+    targets = (image_ids.unsqueeze(1) == all_ids.unsqueeze(0)).astype(text_features.dtype)
+    targets = targets / targets.sum(axis=1, keepdim=True)
+    logits_per_text = logit_scale * paddle.matmul(text_features, all_images, transpose_y=True)
+    logits_per_image = logit_scale * paddle.matmul(image_features, all_texts, transpose_y=True)
+
+    def soft_cross_entropy(logits: paddle.Tensor) -> paddle.Tensor:
+        return -(targets * F.log_softmax(logits, axis=1)).sum(axis=1).mean()
+
+    return (soft_cross_entropy(logits_per_text) + soft_cross_entropy(logits_per_image)) / 2.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -802,6 +1001,23 @@ class BridgeTowerFamily(ModelFamily):
         )
         return out_dir
 
+    # -- training and re-ranking --------------------------------------------------------------------
+
+    def training_dataset(self, model: Any, tokenizer: Any, train_data: str | os.PathLike, *, max_len: int,
+                         hparams: dict[str, Any], regions: str | os.PathLike | None = None) -> Any:
+        """One augmented (image, caption) pair per item, with its ``image_id``: negatives are drawn
+        inside the model from the batch, so the dataset carries none. ``regions`` is not read."""
+        return super().training_dataset(model, tokenizer, train_data, max_len=max_len, hparams=hparams)
+
+    def training_collator(self, tokenizer: Any, model: Any, *, max_len: int) -> "BridgeTowerCollator":
+        return BridgeTowerCollator(tokenizer.pad_token_id)
+
+    def pair_scorer(self, model_dir: str | os.PathLike, split_dir: str | os.PathLike, *,
+                    regions: str | os.PathLike | None = None, batch_size: int = 256,
+                    max_len: int | None = None) -> "BridgeTowerPairScorer":
+        """Scores from pixels; ``regions`` is not read."""
+        return BridgeTowerPairScorer(model_dir, split_dir, batch_size=batch_size, max_len=max_len)
+
     def image_size(self, model: Any) -> int:
         return int(model.config.vision_config.image_size)
 
@@ -840,6 +1056,180 @@ FAMILY = register_family(
         tiny=dict(TINY_ARCHITECTURE),
     )
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# Training batches and pair scoring
+# --------------------------------------------------------------------------------------------------
+
+
+class BridgeTowerCollator:
+    """Training batches: ``pixel_values``, ``input_ids``, ``attention_mask`` and ``image_ids``.
+
+    ``image_ids`` marks which pairs share an image (positives of each other); ``text_ids`` is left
+    out because the Trainer hands every batch key to ``forward``.
+    """
+
+    def __init__(self, pad_token_id: int):
+        from ..training.data import PairCollator
+
+        self._collate = PairCollator(pad_token_id, keep_ids=True)
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        batch = self._collate(items)
+        batch.pop("text_ids")
+        return batch
+
+
+DEFAULT_CACHE_BYTES = 2 << 30
+
+
+class BridgeTowerPairScorer:
+    """:class:`~vlretrieval.retrieval.rerank.PairScorer` of a BridgeTower model over one split.
+
+    Every text and image is encoded uni-modally at most once per scorer when their layer states fit
+    in ``cache_bytes`` (texts first: every :meth:`score` call reads a batch of them, while it reads
+    a single image); what does not fit is encoded on each call, the last image kept. Each call then
+    runs only the cross-modal layers and the ITM head. :meth:`itc_candidates` is BridgeTower's
+    first stage: the exact top ``k`` of the ITC similarities, to be re-ranked by :meth:`score`.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, split_dir: str | os.PathLike, *, batch_size: int = 256,
+                 max_len: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        from ..data.lmdb_store import SplitStore
+        from .base import eval_context_length
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        self.family = FAMILY
+        self.model = FAMILY.load_model(model_dir)
+        self.model.eval()
+        self.tokenizer = FAMILY.load_tokenizer(model_dir)
+        self.batch_size = int(batch_size)
+        self.max_len = eval_context_length(model_dir, FAMILY, max_len)
+        self.transform = FAMILY.image_transform(self.model, train=False)
+        self.store = SplitStore(split_dir)
+        texts = self.store.texts()
+        self.text_ids = np.asarray([t.text_id for t in texts], dtype=np.int64)
+        self.image_ids = np.asarray(self.store.image_ids(), dtype=np.int64)
+        encoded = FAMILY.tokenize(self.tokenizer, [t.text for t in texts], max_len=self.max_len)
+        self.input_ids = encoded["input_ids"]
+        self.attention_mask = encoded["attention_mask"]
+        self._lengths = self.attention_mask.sum(axis=1)
+
+        config = self.model.config
+        layers, width = config.num_hidden_layers, self.input_ids.shape[1]
+        patches = (int(config.vision_config.image_size) // int(config.vision_config.patch_size)) ** 2 + 1
+        text_bytes = 4 * layers * len(self.text_ids) * width * int(config.text_config.hidden_size)
+        image_bytes = 4 * layers * len(self.image_ids) * patches * int(config.vision_config.hidden_size)
+        self._text_cache = self._image_cache = None
+        self._last_image: tuple[int, paddle.Tensor] | None = None
+        if text_bytes <= cache_bytes:
+            self._text_cache = self._encode_texts(np.arange(len(self.text_ids)))
+            cache_bytes -= text_bytes
+        if image_bytes <= cache_bytes:
+            self._image_cache = self._encode_images(np.arange(len(self.image_ids)))
+        self._text_features: np.ndarray | None = None
+        self._image_features: np.ndarray | None = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "BridgeTowerPairScorer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- uni-modal states -----------------------------------------------------------------------------
+
+    def pixel_values(self, image_positions: np.ndarray) -> np.ndarray:
+        """Evaluation-preprocessed pixels ``[n, 3, H, W]`` of the images at ``image_positions``."""
+        return np.stack([self.transform(self.store.open_image(int(self.image_ids[p]))) for p in image_positions])
+
+    @paddle.no_grad()
+    def _encode_texts(self, positions: np.ndarray) -> paddle.Tensor:
+        chunks = []
+        for start in range(0, len(positions), self.batch_size):
+            chunk = positions[start:start + self.batch_size]
+            chunks.append(self.model.encode_texts_unimodal(
+                paddle.to_tensor(self.input_ids[chunk]), paddle.to_tensor(self.attention_mask[chunk])
+            ))
+        return paddle.concat(chunks, axis=1)
+
+    @paddle.no_grad()
+    def _encode_images(self, positions: np.ndarray) -> paddle.Tensor:
+        chunks = []
+        for start in range(0, len(positions), self.batch_size):
+            pixels = self.pixel_values(positions[start:start + self.batch_size])
+            chunks.append(self.model.encode_images_unimodal(paddle.to_tensor(pixels)))
+        return paddle.concat(chunks, axis=1)
+
+    def _image_states(self, image_index: int) -> paddle.Tensor:
+        if self._image_cache is not None:
+            return self._image_cache[:, image_index:image_index + 1]
+        if self._last_image is None or self._last_image[0] != image_index:
+            self._last_image = (image_index, self._encode_images(np.asarray([image_index])))
+        return self._last_image[1]
+
+    def _text_states(self, positions: np.ndarray) -> paddle.Tensor:
+        if self._text_cache is not None:
+            return paddle.index_select(self._text_cache, paddle.to_tensor(positions, dtype="int64"), axis=1)
+        return self._encode_texts(positions)
+
+    # -- scoring --------------------------------------------------------------------------------------
+
+    @paddle.no_grad()
+    def score(self, image_index: int, text_indices: np.ndarray) -> np.ndarray:
+        """ITM log-odds (``logit[match] - logit[no match]``) of image ``image_index`` with each text."""
+        text_indices = np.asarray(text_indices, dtype=np.int64).reshape([-1])
+        out = np.empty(len(text_indices), dtype=np.float32)
+        image_states = self._image_states(int(image_index))
+        for start in range(0, len(text_indices), self.batch_size):
+            chunk = text_indices[start:start + self.batch_size]
+            # Pad columns are masked everywhere, so cutting them off changes no score, only the cost.
+            width = int(self._lengths[chunk].max())
+            text_states = self._text_states(chunk)[:, :, :width]
+            mask = paddle.to_tensor(self.attention_mask[chunk, :width])
+            logits = self.model.itm_logits_from_states(text_states, mask, image_states)
+            out[start:start + len(chunk)] = (logits[:, 1] - logits[:, 0]).numpy().astype(np.float32, copy=False)
+        return out
+
+    @paddle.no_grad()
+    def itc_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """ITC features of every text ``[n_texts, d]`` and every image ``[n_images, d]``, split order."""
+        if self._text_features is None:
+            chunks = []
+            for start in range(0, len(self.text_ids), self.batch_size):
+                positions = np.arange(start, min(start + self.batch_size, len(self.text_ids)))
+                # Only the last layer's [CLS] is read, so cached states are sliced rather than copied.
+                states = self._text_cache[:, start:start + len(positions)] if self._text_cache is not None \
+                    else self._encode_texts(positions)
+                chunks.append(self.model.itc_text_features(states).numpy())
+            self._text_features = np.concatenate(chunks).astype(np.float32, copy=False)
+        if self._image_features is None:
+            chunks = []
+            for start in range(0, len(self.image_ids), self.batch_size):
+                positions = np.arange(start, min(start + self.batch_size, len(self.image_ids)))
+                states = self._image_cache[:, start:start + len(positions)] if self._image_cache is not None \
+                    else self._encode_images(positions)
+                chunks.append(self.model.itc_image_features(states).numpy())
+            self._image_features = np.concatenate(chunks).astype(np.float32, copy=False)
+        return self._text_features, self._image_features
+
+    def itc_candidates(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top ``k`` of the ITC similarities: image positions per text ``[n_texts, k]`` and text
+        positions per image ``[n_images, k]``, best first, ties by position."""
+        from ..retrieval.topk import select_topk
+
+        texts, images = self.itc_features()
+        if not 1 <= k <= min(len(texts), len(images)):
+            raise ConfigError(f"candidates k={k} must be between 1 and the gallery ({len(images)} images, "
+                              f"{len(texts)} texts)")
+        similarity = texts @ images.T
+        t2i, _ = select_topk(similarity, k)
+        i2t, _ = select_topk(np.ascontiguousarray(similarity.T), k)
+        return t2i, i2t
 
 
 # --------------------------------------------------------------------------------------------------

@@ -192,7 +192,20 @@ class OscarForImageTextMatching(OscarPretrainedModel, CrossEncoder):
         region_features: paddle.Tensor | None = None,
         region_mask: paddle.Tensor | None = None,
         labels: paddle.Tensor | None = None,
+        negative_candidates: paddle.Tensor | None = None,
     ) -> ITMOutput:
+        """ITM logits of ``n`` pairs (text tokens first, then regions).
+
+        With ``negative_candidates`` k (training batches of :class:`vlretrieval.training.itm.RegionPairCollator`),
+        the rows come in groups of one positive and k negatives; each group's highest-scoring negative
+        is found without gradients and the output holds the positives and those negatives only, with
+        their labels.
+        """
+        if negative_candidates is not None:
+            return self._hardest_negative_forward(
+                int(negative_candidates.reshape([-1])[0]), input_ids, token_type_ids, attention_mask,
+                region_features, region_mask,
+            )
         if region_features is None:
             raise ValueError("OscarForImageTextMatching.forward needs region_features [n, R, feature_dim]")
         n, length = input_ids.shape[0], input_ids.shape[1]
@@ -225,6 +238,22 @@ class OscarForImageTextMatching(OscarPretrainedModel, CrossEncoder):
         pooled = self.dropout(self.pooler(hidden))
         logits = self.classifier(pooled).astype("float32")
         return ITMOutput(logits=logits, labels=labels)
+
+    def _hardest_negative_forward(self, k: int, *inputs: paddle.Tensor | None) -> ITMOutput:
+        group = k + 1
+        rows = inputs[0].shape[0]
+        if rows % group:
+            raise ValueError(f"{rows} rows are not groups of one positive and {k} negatives")
+        groups = rows // group
+        starts = paddle.arange(groups, dtype="int64") * group
+        negatives = (starts.unsqueeze(1) + paddle.arange(1, group, dtype="int64")).reshape([-1])
+        with paddle.no_grad():
+            logits = self(*[None if x is None else paddle.index_select(x, negatives) for x in inputs]).logits
+            hardest = (logits[:, 1] - logits[:, 0]).reshape([groups, k]).argmax(axis=1)
+        chosen = paddle.concat([starts, starts + 1 + hardest])
+        labels = paddle.concat([paddle.ones([groups], "int64"), paddle.zeros([groups], "int64")])
+        output = self(*[None if x is None else paddle.index_select(x, chosen) for x in inputs])
+        return ITMOutput(logits=output.logits, labels=labels)
 
     # -- CrossEncoder -------------------------------------------------------------------------------
 

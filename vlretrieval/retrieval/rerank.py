@@ -6,10 +6,11 @@ per pair. Two protocols, written to the same prediction files as dense ranking
 
 * ``exhaustive``: every (text, image) pair of the split, the protocol of the papers' COCO 1K test
   (5,000 captions x 1,000 images = 5M passes). Exact, and affordable only on small test sets.
-* ``two_stage``: a dual encoder's features give each text its top ``k`` images and each image its top
-  ``k`` texts (exact dot-product top-k); the cross encoder scores the union of those pairs, once each,
-  and re-orders every candidate list by its score. Gold items outside a query's ``k`` candidates are
-  misses, so ``k`` bounds the recall the cross encoder can reach.
+* ``two_stage``: a first stage gives each text its top ``k`` images and each image its top ``k``
+  texts: a dual encoder's features (exact dot-product top-k), or the cross encoder's own contrastive
+  head (``itc``: BridgeTower's ITC similarity, ``k_test``). The cross encoder scores the union of those
+  pairs, once each, and re-orders every candidate list by its score. Gold items outside a query's
+  ``k`` candidates are misses, so ``k`` bounds the recall the cross encoder can reach.
 
 Scoring goes image by image (:class:`PairScorer`): the image's inputs are prepared once and scored
 against batches of texts, with progress logged.
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 EXHAUSTIVE = "exhaustive"
 TWO_STAGE = "two_stage"
 PROTOCOLS = (EXHAUSTIVE, TWO_STAGE)
+#: ``--candidates`` value naming the cross encoder's own contrastive head as the first stage.
+OWN_ITC_HEAD = "itc"
 
 
 class PairScorer(Protocol):
@@ -58,13 +61,15 @@ class RankingStats:
 
     protocol: str
     pairs_scored: int
-    seconds: float
+    seconds: float  # scoring pairs with the cross encoder
     candidates_k: int | None = None
+    first_stage_seconds: float | None = None  # two_stage: finding the candidates
 
     def as_dict(self) -> dict[str, Any]:
         rate = self.pairs_scored / self.seconds if self.seconds > 0 else None
         return {"protocol": self.protocol, "pairs_scored": self.pairs_scored, "seconds": round(self.seconds, 3),
-                "pairs_per_second": round(rate, 1) if rate else None, "candidates_k": self.candidates_k}
+                "pairs_per_second": round(rate, 1) if rate else None, "candidates_k": self.candidates_k,
+                "first_stage_seconds": None if self.first_stage_seconds is None else round(self.first_stage_seconds, 3)}
 
 
 class _Progress:
@@ -270,9 +275,17 @@ def rank_with_cross_encoder(
     if protocol == EXHAUSTIVE:
         t2i, i2t, stats = rank_exhaustive(scorer, top_k)
     else:
-        t2i_candidates, i2t_candidates = candidate_positions(candidates, scorer.text_ids, scorer.image_ids,
-                                                             int(candidates_k))
+        started = time.perf_counter()
+        if os.fspath(candidates) == OWN_ITC_HEAD:
+            if not hasattr(scorer, "itc_candidates"):
+                raise ConfigError(f"{family.name} has no contrastive head to give candidates; name a dual encoder")
+            t2i_candidates, i2t_candidates = scorer.itc_candidates(int(candidates_k))
+        else:
+            t2i_candidates, i2t_candidates = candidate_positions(candidates, scorer.text_ids, scorer.image_ids,
+                                                                 int(candidates_k))
+        first_stage_seconds = time.perf_counter() - started
         t2i, i2t, stats = rerank_candidates(scorer, t2i_candidates, i2t_candidates)
+        stats.first_stage_seconds = first_stage_seconds
     write_rankings(scorer, t2i, i2t, out_t2i, out_i2t)
     return stats
 
@@ -283,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split-dir", type=Path, required=True, help="the serialized evaluation split")
     parser.add_argument("--regions", type=Path, default=None, help="the split's region store (region families)")
     parser.add_argument("--protocol", choices=PROTOCOLS, required=True)
-    parser.add_argument("--candidates", type=Path, default=None, help="two_stage: the dual encoder's features directory")
+    parser.add_argument("--candidates", default=None,
+                        help=f"two_stage: a dual encoder's features directory, or '{OWN_ITC_HEAD}' for the model's own contrastive head")
     parser.add_argument("--candidates-k", type=int, default=None, help="two_stage: candidates per query")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=256, help="pairs per forward pass")

@@ -92,7 +92,7 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "save_total_limit": 3,  # 0 keeps every checkpoint
     "dataloader_num_workers": 0,
     # Cross encoders trained on ITM (VinVL): each positive's negative is the one of this many random
-    # swaps whose image shares the most objects with the positive's; 1 is the reference's random negative.
+    # swaps that the model scores highest at that step; 1 is the reference's random negative.
     "itm_negative_candidates": 1,
 }
 

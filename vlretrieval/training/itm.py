@@ -7,6 +7,11 @@ never lands on a gold match (a caption that also describes the image, or an imag
 describes), so a label 0 is always a true non-match. :class:`RegionPairCollator` flattens the items
 into a batch of ``2n`` pairs with ``labels`` ``[1, 0, 1, 0, ...]`` and assembles them through the
 family (``family.assemble_pairs``), so training and evaluation build their inputs the same way.
+
+With ``negative_candidates`` k > 1 an item carries k such negatives, and the model trains on the one
+it currently scores highest (hard-negative mining; the batch says ``negative_candidates``). A model
+trained from scratch on random negatives settles on whatever cue separates most of them (on the demo,
+the number of objects); the hardest of several random negatives mostly lacks that cue.
 """
 
 from __future__ import annotations
@@ -65,10 +70,6 @@ class RegionPairDataset(Dataset):
                                               f"first {missing[:5]}; rebuild the region store for this split")
         if len(self.image_ids) < 2:
             raise DataError(str(split_dir), "ITM negatives need at least two images in the split")
-        # Object tags of every image, to pick among several candidate negatives the one sharing the
-        # most objects with the positive (not needed for the reference's single random draw).
-        self._image_tags = ({image_id: frozenset(self.regions.tags(image_id)) for image_id in self.image_ids}
-                            if self.negative_candidates > 1 else {})
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -86,9 +87,10 @@ class RegionPairDataset(Dataset):
         )
         return {"caption_ids": caption_ids, "tag_ids": tag_ids, "regions": regions.features, "label": label}
 
-    def _random_negative(self, image_id: int, caption_position: int, swap_caption: bool,
-                         rng: random.Random) -> tuple[int, int]:
-        if swap_caption:
+    def negative_for(self, image_id: int, caption_position: int, rng: random.Random) -> tuple[int, int]:
+        """(caption position, image id) of a non-matching pair made from a positive by one swap: the
+        caption with probability ``swap_probability``, else the image; never a gold pair."""
+        if rng.random() < self.swap_probability:
             # Another caption: redraw while it describes this image too.
             for _ in range(100):
                 candidate = rng.randrange(len(self._captions))
@@ -103,41 +105,14 @@ class RegionPairDataset(Dataset):
         raise DataError(str(self.split_dir), f"no negative found for image {image_id} in 100 draws: "
                                              "nearly every caption matches every image")
 
-    def _shared_objects(self, image_id: int, negative: tuple[int, int], swap_caption: bool) -> int:
-        tags = self._image_tags[image_id]
-        if swap_caption:
-            # A swapped-in caption describes the images it is gold for; compare with its first one.
-            other = min(self._gold_images[negative[0]], default=None)
-        else:
-            other = negative[1]
-        return len(tags & self._image_tags[other]) if other in self._image_tags else 0
-
-    def negative_for(self, image_id: int, caption_position: int, rng: random.Random) -> tuple[int, int]:
-        """(caption position, image id) of a non-matching pair made from a positive by one swap.
-
-        The caption is swapped with probability ``swap_probability``, else the image. With
-        ``negative_candidates`` k > 1, k such negatives are drawn and the one whose image shares the
-        most object tags with the positive's is kept: a harder negative, which a from-scratch model
-        needs to learn more than "most words match".
-        """
-        swap_caption = rng.random() < self.swap_probability
-        best = self._random_negative(image_id, caption_position, swap_caption, rng)
-        if self.negative_candidates == 1:
-            return best
-        best_shared = self._shared_objects(image_id, best, swap_caption)
-        for _ in range(self.negative_candidates - 1):
-            candidate = self._random_negative(image_id, caption_position, swap_caption, rng)
-            shared = self._shared_objects(image_id, candidate, swap_caption)
-            if shared > best_shared:
-                best, best_shared = candidate, shared
-        return best
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id, caption_position = self._pairs[int(index)]
-        # The module generator: paddle reseeds it in every DataLoader worker and the Trainer seeds it.
-        negative_caption, negative_image = self.negative_for(image_id, caption_position, random)
-        return {"examples": [self._example(caption_position, image_id, 1),
-                             self._example(negative_caption, negative_image, 0)]}
+        examples = [self._example(caption_position, image_id, 1)]
+        for _ in range(self.negative_candidates):
+            # The module generator: paddle reseeds it in every DataLoader worker and the Trainer seeds it.
+            negative_caption, negative_image = self.negative_for(image_id, caption_position, random)
+            examples.append(self._example(negative_caption, negative_image, 0))
+        return {"examples": examples}
 
 
 class RegionPairCollator:
@@ -162,4 +137,10 @@ class RegionPairCollator:
             max_regions=self.max_regions,
         )
         batch["labels"] = np.asarray([e["label"] for e in examples], dtype=np.int64)
+        negatives = {len(item["examples"]) - 1 for item in items}
+        if negatives != {1}:
+            if len(negatives) != 1:
+                raise ValueError(f"items carry different numbers of negatives: {sorted(negatives)}")
+            # Several candidates per positive: the model keeps the one it scores highest (forward).
+            batch["negative_candidates"] = np.asarray([negatives.pop()], dtype=np.int64)
         return batch
