@@ -286,6 +286,8 @@ def rank_with_cross_encoder(
         first_stage_seconds = time.perf_counter() - started
         t2i, i2t, stats = rerank_candidates(scorer, t2i_candidates, i2t_candidates)
         stats.first_stage_seconds = first_stage_seconds
+        # The prediction files hold exactly top_k ids per query, as dense ranking writes them.
+        t2i, i2t = t2i[:, :top_k], i2t[:, :top_k]
     write_rankings(scorer, t2i, i2t, out_t2i, out_i2t)
     return stats
 
