@@ -52,6 +52,26 @@ def test_real_dataset_dag_plans_download_to_recall(workflow):
     }
 
 
+def test_cross_encoder_dags_plan_from_download(workflow):
+    vinvl = _job_counts(workflow.run("results/coco2014/vinvl/", "-n", "--quiet", "rules").stdout)
+    assert vinvl == {"download": 1, "serialize": 2, "serialize_regions": 2, "prepare_model": 1, "finetune": 1,
+                     "rerank": 2, "score": 1}
+    bridgetower = _job_counts(workflow.run("results/flickr30k/bridgetower/", "-n", "--quiet", "rules").stdout)
+    assert bridgetower == {"download": 1, "serialize": 2, "prepare_model": 1, "finetune": 1, "rerank": 2, "score": 1}
+
+    # Two-stage VinVL: ERNIE-ViL's fine-tuned features of the same split become a dependency.
+    workflow.write_config({"grid": {"datasets": ["coco2014"], "models": ["vinvl"]}, "pair_overrides": {"coco2014": {
+        "vinvl": {"eval": {"protocol": "two_stage", "candidates": {"model": "ernie_vil", "k": 20}}}}}})
+    plan = workflow.run("results/coco2014/vinvl/", "-n", "--quiet", "rules")
+    assert _job_counts(plan.stdout) == {
+        "download": 1, "serialize": 2, "serialize_regions": 2, "prepare_model": 2, "finetune": 2,
+        "export_stage": 1, "extract_features": 1, "rerank": 2, "score": 1,
+    }
+    shell = workflow.run("results/coco2014/vinvl/", "-n", "-p").stdout
+    assert "--protocol two_stage --batch-size 256 --regions resources/coco2014/regions/test" in shell
+    assert "--candidates work/coco2014/ernie_vil/finetuned/features --candidates-k 20" in shell
+
+
 def test_test_only_dataset_is_evaluated_zero_shot(workflow):
     counts = _job_counts(workflow.run("results/coco_cn/ernie_vil/", "-n", "--quiet", "rules").stdout)
     assert counts == {
@@ -107,12 +127,12 @@ def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _check_pair_metrics(workdir, dataset: str, model: str) -> dict:
+def _check_pair_metrics(workdir, dataset: str, model: str, *, num_images: int = 100, quality_bar: bool = True) -> dict:
     """metrics.json of a pair agrees with a recount from its prediction files; returns it."""
     result = workdir / "results" / dataset / model
     metrics = json.loads((result / "metrics.json").read_text(encoding="utf-8"))
     assert (metrics["dataset"], metrics["model"], metrics["split"]) == (dataset, model, "test")
-    assert (metrics["num_images"], metrics["num_texts"]) == (100, 500)
+    assert (metrics["num_images"], metrics["num_texts"]) == (num_images, 5 * num_images)
     assert set(metrics["stages"]) == {"zeroshot", "finetuned"}
 
     gold_t2i = {r["text_id"]: set(r["image_ids"]) for r in _read_jsonl(workdir / f"resources/{dataset}/lmdb/test/texts.jsonl")}
@@ -135,10 +155,11 @@ def _check_pair_metrics(workdir, dataset: str, model: str) -> dict:
             (scores["text_to_image"]["mean_recall"] + scores["image_to_text"]["mean_recall"]) / 2
         )
 
-    zeroshot = metrics["stages"]["zeroshot"]["mean_recall"]
-    finetuned = metrics["stages"]["finetuned"]["mean_recall"]
-    assert finetuned >= 40, metrics
-    assert finetuned >= 3 * zeroshot, metrics
+    if quality_bar:
+        zeroshot = metrics["stages"]["zeroshot"]["mean_recall"]
+        finetuned = metrics["stages"]["finetuned"]["mean_recall"]
+        assert finetuned >= 40, metrics
+        assert finetuned >= 3 * zeroshot, metrics
     return metrics
 
 
@@ -219,3 +240,54 @@ def test_demo_grid_end_to_end_meets_quality_bar(workflow):
     workflow.run("--report", "report.html")
     html = (workflow.workdir / "report.html").read_text(encoding="utf-8", errors="replace")
     assert "recall_at_k.png" in html and "train_loss.png" in html and "summary.csv" in html
+
+
+@pytest.mark.slow
+def test_cross_encoders_run_end_to_end_with_their_protocols(workflow):
+    """VinVL (regions, exhaustive) and BridgeTower (own ITC top k, ITM re-scored) on a small English
+    demo, through the same rules as the dual encoders: fine-tuning on two ranks, ranking, scoring,
+    tracking."""
+    name = "demo_xe"
+    entry = tiny_demo_entry({"train": 120, "test": 24}, name=name)
+    entry["language"] = "en"
+    entry["generator"].update(caption_language="en", regions=True)
+    entry["regions"] = {"features": "{split}_features.tsv", "predictions": "{split}_predictions.tsv"}
+    recipe = {"learning_rate": 5.0e-4, "warmup_steps": 5, "per_device_train_batch_size": 16, "num_train_epochs": 2,
+              "weight_decay": 0.01, "hflip": False, "recompute": False, "save_steps": 1000, "train_max_len": 48}
+    workflow.write_config(
+        {"grid": {"datasets": [name], "models": ["vinvl"], "pairs": [f"{name}/bridgetower"]},
+         "pair_overrides": {name: {
+             "*": {"init": "tiny", "train": recipe},
+             "vinvl": {"eval": {"max_len": 48, "protocol": "exhaustive"}},
+             "bridgetower": {"eval": {"candidates": {"head": "itc", "k": 12}}},
+         }}},
+        datasets={name: entry},
+    )
+    counts = _job_counts(workflow.run("-n", "--quiet", "rules").stdout)
+    assert counts["rerank"] == 4 and counts["serialize_regions"] == 2 and counts["finetune"] == 2
+    assert "extract_features" not in counts and "rank" not in counts
+    workflow.run()
+
+    vinvl = _check_pair_metrics(workflow.workdir, name, "vinvl", num_images=24, quality_bar=False)
+    assert vinvl["protocol"] == {"name": "exhaustive", "score": "cross-encoder ITM match log-odds", "top_k": 10}
+    bridgetower = _check_pair_metrics(workflow.workdir, name, "bridgetower", num_images=24, quality_bar=False)
+    assert bridgetower["protocol"]["name"] == "two_stage"
+    assert bridgetower["protocol"]["candidates"] == {"head": "itc", "k": 12}
+
+    for model, protocol in (("vinvl", "exhaustive"), ("bridgetower", "two_stage")):
+        for stage in ("zeroshot", "finetuned"):
+            log = (workflow.workdir / f"logs/rerank/{name}/{model}/{stage}.log").read_text(encoding="utf-8")
+            ranking = json.loads(log.strip().splitlines()[-1])["ranking"]
+            assert ranking["protocol"] == protocol
+            if protocol == "exhaustive":
+                assert ranking["pairs_scored"] == 24 * 120
+            else:
+                # the union of 120 texts x 12 and 24 images x 12 candidates, each pair once
+                assert 120 * 12 <= ranking["pairs_scored"] <= 120 * 12 + 24 * 12
+        steps = [row for row in _read_jsonl(workflow.workdir / f"work/{name}/{model}/train_log.jsonl")
+                 if row.get("event") == "train"]
+        losses = [row["loss"] for row in steps]
+        assert len(losses) == 2 * (120 * 5 // 32) and all(loss == loss for loss in losses)
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    summary = (workflow.workdir / "results" / "summary.csv").read_text(encoding="utf-8")
+    assert f"{name},vinvl,finetuned" in summary and f"{name},bridgetower,finetuned" in summary
