@@ -55,6 +55,8 @@ bench: setup
 	$(BIN)/python bench/bench_url_download.py
 	$(BIN)/python bench/bench_inference.py
 	$(BIN)/python bench/bench_arrow.py
+	$(BIN)/python bench/bench_rerank.py
+	$(BIN)/python bench/bench_bridgetower.py
 
 clean-results:
 	rm -rf results logs benchmarks
