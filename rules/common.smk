@@ -10,6 +10,7 @@ from vlretrieval.config import (
     SOURCE_KEYS,
     configured_pairs,
     evaluation_protocol,
+    required_extra_inputs,
     evaluation_stages,
     load_datasets,
     load_models,
@@ -92,7 +93,7 @@ FINETUNE_THREADS = config["finetune"]["gpus"] or config["finetune"]["cpu_ranks"]
 
 
 def family_extra_inputs(wildcards):
-    return family_spec(model_entry(wildcards)["family"]).extra_inputs
+    return required_extra_inputs(dataset_entry(wildcards), model_entry(wildcards), wildcards.dataset, wildcards.model)
 
 
 def finetune_inputs(wildcards):

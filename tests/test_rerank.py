@@ -132,6 +132,29 @@ def test_evaluation_protocol_is_recorded_per_kind():
     with pytest.raises(ConfigError, match="not a dual encoder"):
         evaluation_protocol({"eval": {"protocol": "two_stage", "candidates": {"model": "vinvl"}}},
                             "cross_encoder", stages, models)
+    # A dataset without a train split has only zero-shot features to offer.
+    zeroshot_only = evaluation_protocol({"eval": {"protocol": "two_stage", "candidates": {"model": "ernie_vil"}}},
+                                        "cross_encoder", ["zeroshot"], models)
+    assert zeroshot_only["candidates"]["stage"] == "zeroshot"
     with pytest.raises(ConfigError, match="not evaluated"):
-        evaluation_protocol({"eval": {"protocol": "two_stage", "candidates": {"model": "ernie_vil"}}},
+        evaluation_protocol({"eval": {"protocol": "two_stage", "candidates": {"model": "ernie_vil", "stage": "finetuned"}}},
                             "cross_encoder", ["zeroshot"], models)
+    own = evaluation_protocol({"eval": {"protocol": "two_stage", "candidates": {"head": "itc", "k": 16}}},
+                              "cross_encoder", stages, models)
+    assert own["candidates"] == {"head": "itc", "k": 16}
+    with pytest.raises(ConfigError, match="either"):
+        evaluation_protocol({"eval": {"protocol": "two_stage", "candidates": {"head": "itc", "model": "ernie_vil"}}},
+                            "cross_encoder", stages, models)
+
+
+def test_a_pair_override_replaces_the_first_stage_and_region_models_need_regions():
+    from vlretrieval.config import pair_config, required_extra_inputs
+
+    models = {"bridgetower": {"family": "bridgetower", "eval": {"candidates": {"head": "itc", "k": 128}}},
+              "vinvl": {"family": "vinvl", "eval": {}}}
+    config = {"pair_overrides": {"d": {"bridgetower": {"eval": {"candidates": {"model": "ernie_vil", "k": 20}}}}}}
+    assert pair_config(config, models, "d", "bridgetower")["eval"]["candidates"] == {"model": "ernie_vil", "k": 20}
+    assert required_extra_inputs({"regions": {}}, models["vinvl"], "d", "vinvl") == ("regions",)
+    assert required_extra_inputs({}, models["bridgetower"], "d", "bridgetower") == ()
+    with pytest.raises(ConfigError, match="no regions block"):
+        required_extra_inputs({}, models["vinvl"], "demo_cn", "vinvl")

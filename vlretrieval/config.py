@@ -97,7 +97,11 @@ def pair_config(config: dict, models: dict[str, dict], dataset: str, model: str)
     effective = require(models, model, "model")
     per_dataset = config.get("pair_overrides", {}).get(dataset, {})
     for key in ("*", model):
-        effective = deep_merge(effective, per_dataset.get(key, {}))
+        override = per_dataset.get(key, {})
+        effective = deep_merge(effective, override)
+        # A first stage is a dual encoder or the model's own head, never a mix of both entries.
+        if "candidates" in override.get("eval", {}):
+            effective["eval"]["candidates"] = copy.deepcopy(override["eval"]["candidates"])
     return effective
 
 
@@ -132,6 +136,17 @@ def subset(entry: dict, keys: tuple[str, ...]) -> dict:
 
 
 CROSS_ENCODER_PROTOCOLS = ("exhaustive", "two_stage")
+
+
+def required_extra_inputs(dataset_entry: dict, model_entry: dict, dataset: str, model: str) -> tuple[str, ...]:
+    """The serialized data besides the LMDB split that ``model`` reads, checked against the dataset:
+    a region family on a dataset without a ``regions`` block is refused before anything runs."""
+    from .models.registry import family_spec
+
+    extra = family_spec(model_entry["family"]).extra_inputs
+    if "regions" in extra and "regions" not in dataset_entry:
+        raise ConfigError(f"model {model!r} reads detector regions, but dataset {dataset!r} has no regions block")
+    return extra
 
 
 def model_names_pattern(models: dict[str, dict], kind: str) -> str:
@@ -179,7 +194,8 @@ def evaluation_protocol(entry: dict, kind: str, stages: list[str], models: dict[
             candidate = require(models, candidates["model"], "candidate model")
             if family_spec(candidate["family"]).kind != "dual_encoder":
                 raise ConfigError(f"eval.candidates.model {candidates['model']!r} is not a dual encoder")
-        candidates.setdefault("stage", "finetuned")
+        # The model's fine-tuned features where the dataset fine-tunes, its zero-shot ones elsewhere.
+        candidates.setdefault("stage", stages[-1])
         if candidates["stage"] not in stages:
             raise ConfigError(f"eval.candidates.stage {candidates['stage']!r} is not evaluated on this dataset "
                               f"(stages: {', '.join(stages)})")

@@ -599,6 +599,13 @@ class RegionStore:
     def tags(self, image_id: int) -> list[str]:
         return list(json.loads(self._get("t", image_id))["tags"])
 
+    def require_images(self, image_ids: Sequence[int], split_dir: str | os.PathLike) -> None:
+        """Every image of the split ``split_dir`` has regions here, or a :class:`DataError` naming the first missing."""
+        missing = sorted({int(i) for i in image_ids} - self._id_set)
+        if missing:
+            raise DataError(str(self.path), f"{len(missing)} image(s) of {split_dir} have no regions, first "
+                                            f"{missing[:5]}; rebuild the region store for this split")
+
     def get(self, image_id: int) -> ImageRegions:
         record = json.loads(self._get("t", image_id))
         return ImageRegions(

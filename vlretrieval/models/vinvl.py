@@ -247,9 +247,15 @@ class OscarForImageTextMatching(OscarPretrainedModel, CrossEncoder):
         groups = rows // group
         starts = paddle.arange(groups, dtype="int64") * group
         negatives = (starts.unsqueeze(1) + paddle.arange(1, group, dtype="int64")).reshape([-1])
-        with paddle.no_grad():
-            logits = self(*[None if x is None else paddle.index_select(x, negatives) for x in inputs]).logits
-            hardest = (logits[:, 1] - logits[:, 0]).reshape([groups, k]).argmax(axis=1)
+        # Chosen by the model as it scores at evaluation: without dropout noise.
+        training = self.training
+        self.eval()
+        try:
+            with paddle.no_grad():
+                logits = self(*[None if x is None else paddle.index_select(x, negatives) for x in inputs]).logits
+                hardest = (logits[:, 1] - logits[:, 0]).reshape([groups, k]).argmax(axis=1)
+        finally:
+            self.train(training)
         chosen = paddle.concat([starts, starts + 1 + hardest])
         labels = paddle.concat([paddle.ones([groups], "int64"), paddle.zeros([groups], "int64")])
         output = self(*[None if x is None else paddle.index_select(x, chosen) for x in inputs])

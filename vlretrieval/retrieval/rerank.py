@@ -30,6 +30,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ..config import CROSS_ENCODER_PROTOCOLS as PROTOCOLS
 from ..errors import ConfigError, DataError
 from .features import load_any_features
 from .predictions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, write_predictions
@@ -37,9 +38,7 @@ from .topk import select_topk, topk_search
 
 log = logging.getLogger(__name__)
 
-EXHAUSTIVE = "exhaustive"
-TWO_STAGE = "two_stage"
-PROTOCOLS = (EXHAUSTIVE, TWO_STAGE)
+EXHAUSTIVE, TWO_STAGE = PROTOCOLS
 #: ``--candidates`` value naming the cross encoder's own contrastive head as the first stage.
 OWN_ITC_HEAD = "itc"
 
@@ -121,10 +120,11 @@ class RegionPairScorer:
         self.text_ids = np.asarray([t.text_id for t in texts], dtype=np.int64)
         self.caption_ids = self.family.text_pieces(self.tokenizer, [t.text for t in texts])
         self.regions = RegionStore(regions)
-        missing = [int(i) for i in self.image_ids if int(i) not in self.regions]
-        if missing:
-            raise DataError(str(regions), f"{len(missing)} image(s) of {split_dir} have no regions, first {missing[:5]}")
+        self.regions.require_images(self.image_ids, split_dir)
         self._paddle = paddle
+
+    def close(self) -> None:
+        self.regions.close()
 
     def score(self, image_index: int, text_indices: np.ndarray) -> np.ndarray:
         paddle = self._paddle
@@ -272,6 +272,14 @@ def rank_with_cross_encoder(
     if family.kind != CROSS_ENCODER:
         raise ConfigError(f"{model_dir}: {family.name} is a {family.kind}; rank its features instead")
     scorer = family.pair_scorer(model_dir, split_dir, regions=regions, batch_size=batch_size, max_len=max_len)
+    try:
+        return _rank(scorer, family, out_t2i, out_i2t, protocol, top_k, candidates, candidates_k)
+    finally:
+        getattr(scorer, "close", lambda: None)()
+
+
+def _rank(scorer: PairScorer, family: Any, out_t2i: str | os.PathLike, out_i2t: str | os.PathLike, protocol: str,
+          top_k: int, candidates: str | os.PathLike | None, candidates_k: int | None) -> RankingStats:
     if protocol == EXHAUSTIVE:
         t2i, i2t, stats = rank_exhaustive(scorer, top_k)
     else:
@@ -315,3 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(json.dumps({"ranking": stats.as_dict()}))
     return 0
+
+
+if __name__ == "__main__":
+    from vlretrieval.cli import run
+
+    raise SystemExit(run(main))

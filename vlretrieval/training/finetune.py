@@ -132,7 +132,8 @@ def resolve_hparams(overrides: Mapping[str, Any] | None = None) -> dict[str, Any
     for key in ("recompute", "hflip", "gather_with_grad"):
         if not isinstance(hparams[key], bool):
             raise ConfigError(f"hyperparameter {key} must be true or false, got {hparams[key]!r}")
-    if not isinstance(hparams["itm_negative_candidates"], int) or hparams["itm_negative_candidates"] < 1:
+    candidates = hparams["itm_negative_candidates"]
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ConfigError(f"hyperparameter itm_negative_candidates must be a positive integer, got {hparams['itm_negative_candidates']!r}")
     if hparams["lit"] is not None and not isinstance(hparams["lit"], bool):
         raise ConfigError(f"hyperparameter lit must be true, false or null, got {hparams['lit']!r}")
@@ -648,8 +649,6 @@ def finetune(
     paddle.set_device(device)
 
     family = get_family(family_name or read_model_info(model_dir)["family"])
-    if "regions" in family.extra_inputs and regions is None:
-        raise ConfigError(f"{family.name} trains on detector regions: give the region store of {train_data}")
     recompute = hparams["recompute"] and family.supports_recompute
     max_len = hparams["train_max_len"] or family.train_max_len
 

@@ -64,10 +64,7 @@ class RegionPairDataset(Dataset):
         self._pairs = [(image_id, text_position[text_id]) for image_id, text_id in pair_ids]
         if not self._pairs:
             raise DataError(str(split_dir), "the split has no (image, text) pairs to train on")
-        missing = sorted({image_id for image_id in self.image_ids if image_id not in self.regions})
-        if missing:
-            raise DataError(str(regions_dir), f"{len(missing)} image(s) of {split_dir} have no regions, "
-                                              f"first {missing[:5]}; rebuild the region store for this split")
+        self.regions.require_images(self.image_ids, split_dir)
         if len(self.image_ids) < 2:
             raise DataError(str(split_dir), "ITM negatives need at least two images in the split")
 
