@@ -359,7 +359,24 @@ class ModelFamily:
         Returns ``int64`` arrays ``input_ids`` and ``attention_mask`` of shape ``[n, L]`` where ``L`` is
         the longest encoded text (or ``max_len`` with ``pad_to_max``).
         """
-        raise NotImplementedError
+        if max_len < 2:
+            raise ValueError(f"max_len must leave room for the two special tokens, got {max_len}")
+        encoded = tokenizer(
+            [self.normalise_text(text) for text in texts],
+            max_length=max_len,
+            truncation=True,
+            padding="max_length" if pad_to_max else "longest",
+            return_attention_mask=True,
+            return_token_type_ids=False,
+        )
+        return {
+            "input_ids": np.asarray(encoded["input_ids"], dtype=np.int64),
+            "attention_mask": np.asarray(encoded["attention_mask"], dtype=np.int64),
+        }
+
+    def normalise_text(self, text: str) -> str:
+        """The text as the tokenizer must see it; a family overrides this when its pretraining did too."""
+        return str(text)
 
 
 def checked_context_length(requested: int | None, default: int, limit: int | None, where: str | os.PathLike) -> int:

@@ -1025,24 +1025,6 @@ class BridgeTowerFamily(ModelFamily):
         size = model_or_size if isinstance(model_or_size, int) else self.image_size(model_or_size)
         return ImageTransform(image_size=size, train=train, hflip=hflip, mean=CLIP_MEAN, std=CLIP_STD)
 
-    def tokenize(
-        self, tokenizer: Any, texts: Sequence[str], *, max_len: int, pad_to_max: bool = False
-    ) -> dict[str, np.ndarray]:
-        if max_len < 2:
-            raise ValueError(f"max_len must leave room for the two special tokens, got {max_len}")
-        encoded = tokenizer(
-            list(texts),
-            max_length=max_len,
-            truncation=True,
-            padding="max_length" if pad_to_max else "longest",
-            return_attention_mask=True,
-            return_token_type_ids=False,
-        )
-        return {
-            "input_ids": np.asarray(encoded["input_ids"], dtype=np.int64),
-            "attention_mask": np.asarray(encoded["attention_mask"], dtype=np.int64),
-        }
-
 
 FAMILY = register_family(
     BridgeTowerFamily(

@@ -403,25 +403,6 @@ class VinVLFamily(ModelFamily):
     def image_transform(self, model_or_size: Any, *, train: bool, hflip: bool = True):
         raise ConfigError(f"the {self.name} family reads region features, not pixels; it has no image transform")
 
-    def tokenize(
-        self, tokenizer: Any, texts: Sequence[str], *, max_len: int, pad_to_max: bool = False
-    ) -> dict[str, np.ndarray]:
-        """``[CLS] text [SEP]`` ids and mask (the base interface); pairs use :meth:`assemble_pairs`."""
-        if max_len < 2:
-            raise ValueError(f"max_len must leave room for [CLS] and [SEP], got {max_len}")
-        encoded = tokenizer(
-            list(texts),
-            max_length=max_len,
-            truncation=True,
-            padding="max_length" if pad_to_max else "longest",
-            return_attention_mask=True,
-            return_token_type_ids=False,
-        )
-        return {
-            "input_ids": np.asarray(encoded["input_ids"], dtype=np.int64),
-            "attention_mask": np.asarray(encoded["attention_mask"], dtype=np.int64),
-        }
-
     def text_pieces(self, tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
         """WordPiece ids of each text without special tokens, so captions and tags are tokenized once."""
         return [
