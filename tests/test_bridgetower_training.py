@@ -19,7 +19,8 @@ from vlretrieval.models.bridgetower import (
     sample_hard_negatives,
 )
 from vlretrieval.models.vocab import build_vocab_file
-from vlretrieval.training.finetune import apply_freezing, trainable_parameters
+from vlretrieval.errors import ConfigError
+from vlretrieval.training.finetune import apply_freezing, learning_rate_groups, trainable_parameters
 
 paddle.set_device("cpu")
 
@@ -151,6 +152,43 @@ def test_training_reaches_every_trainable_parameter_and_learns(vocab_file):
         model.clamp_logit_scale_()
         losses.append(float(loss))
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+
+
+def test_lr_multipliers_scale_the_first_adamw_step_of_their_groups(vocab_file):
+    model, tokenizer = FAMILY.build_tiny(vocab_file, seed=1)
+    apply_freezing(model)
+    model.train()
+    trainable = trainable_parameters(model)
+    groups = learning_rate_groups(model, trainable, {"cross_modal": 5.0, "heads": 2.0})
+    rate_of = {id(param): group["learning_rate"] for group in groups for param in group["params"]}
+    assert len(rate_of) == len(trainable) and set(rate_of.values()) == {1.0, 2.0, 5.0}
+    expected = {"text.": 1.0, "vision.": 1.0, "modality_embeddings.": 1.0, "log_logit_scale": 1.0,
+                "cross_text_layers.": 5.0, "image_link_towers.": 5.0, "text_pooler.": 5.0, "itm_head.": 2.0,
+                "itc_image_head.": 2.0}
+    for name, param in trainable:
+        for prefix, rate in expected.items():
+            if name.startswith(prefix):
+                assert rate_of[id(param)] == rate, name
+
+    # AdamW's first step moves every weight by about lr * multiplier (m / sqrt(v) = sign of the gradient).
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-3, parameters=groups, weight_decay=0.0)
+    paddle.seed(0)
+    model.training_loss(model(**_batch(tokenizer, [0, 0, 1, 1, 2, 3], seed=2))).backward()
+    before = {name: param.numpy().copy() for name, param in trainable}
+    grads = {name: param.grad.numpy().copy() for name, param in trainable}
+    optimizer.step()
+    for name, param in trainable:
+        strong = np.abs(grads[name]) > 1e-5
+        if not strong.any():
+            continue
+        step = np.abs(param.numpy() - before[name])[strong]
+        np.testing.assert_allclose(step, 1e-3 * rate_of[id(param)], rtol=0.05, err_msg=name)
+
+    with pytest.raises(ConfigError, match="does not define"):
+        learning_rate_groups(model, trainable, {"cross_modal": 5.0, "pooler": 5.0})
+    only_frozen = [(name, p) for name, p in trainable if not name.startswith(("itm_head.", "itc_"))]
+    with pytest.raises(ConfigError, match="holds no trainable parameter"):
+        learning_rate_groups(model, only_frozen, {"heads": 5.0})
 
 
 # -- data and scoring --------------------------------------------------------------------------------

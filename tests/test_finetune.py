@@ -185,6 +185,10 @@ def test_hparams_are_validated():
         resolve_hparams({"hflip": "no"})
     with pytest.raises(ConfigError, match="save_total_limit"):
         resolve_hparams({"save_total_limit": 1})
+    for bad in ({"heads": 0}, {"heads": True}, ["heads"], {"heads": "5"}):
+        with pytest.raises(ConfigError, match="lr_multipliers"):
+            resolve_hparams({"lr_multipliers": bad})
+    assert resolve_hparams({"lr_multipliers": {"heads": 5}})["lr_multipliers"] == {"heads": 5.0}
 
 
 def test_launch_command_forms(tmp_path):

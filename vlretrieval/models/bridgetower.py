@@ -826,6 +826,19 @@ class BridgeTowerForRetrieval(BridgeTowerPretrainedModel, CrossEncoder):
         # Decaying the log-scale would pull the temperature towards 1, flattening the ITC softmax.
         return {"log_logit_scale"}
 
+    def lr_parameter_groups(self) -> dict[str, tuple[str, ...]]:
+        """The parameter groups the reference recipe trains faster than the uni-modal towers
+        (``lr_mult_cross_modal`` and ``lr_mult_head``): everything that starts untrained on top of
+        the pretrained encoders. The modality embeddings and the temperature are not in either."""
+        return {
+            "cross_modal": (
+                "cross_text_transform", "cross_image_transform", "cross_text_norm", "cross_image_norm",
+                "cross_text_layers", "cross_image_layers", "text_link_towers", "image_link_towers",
+                "text_pooler", "image_pooler",
+            ),
+            "heads": ("itm_head", "itc_text_head", "itc_image_head", "itc_cross_modal_head"),
+        }
+
 
 class BridgeTowerTrainingOutput(NamedTuple):
     """What :meth:`BridgeTowerForRetrieval.training_forward` returns; local (un-gathered) values.

@@ -94,6 +94,9 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     # Cross encoders trained on ITM (VinVL): each positive's negative is the one of this many random
     # swaps that the model scores highest at that step; 1 is the reference's random negative.
     "itm_negative_candidates": 1,
+    # Multipliers of the scheduled learning rate for the model's named parameter groups
+    # (``lr_parameter_groups``), e.g. BridgeTower's {cross_modal: 5, heads: 5}; the rest trains at 1.
+    "lr_multipliers": {},
 }
 
 
@@ -135,6 +138,15 @@ def resolve_hparams(overrides: Mapping[str, Any] | None = None) -> dict[str, Any
     candidates = hparams["itm_negative_candidates"]
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ConfigError(f"hyperparameter itm_negative_candidates must be a positive integer, got {hparams['itm_negative_candidates']!r}")
+    multipliers = hparams["lr_multipliers"]
+    if not isinstance(multipliers, Mapping) or not all(
+        isinstance(group, str) and isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0
+        for group, rate in multipliers.items()
+    ):
+        raise ConfigError(
+            f"hyperparameter lr_multipliers must map parameter group names to positive numbers, got {multipliers!r}"
+        )
+    hparams["lr_multipliers"] = {group: float(rate) for group, rate in sorted(multipliers.items())}
     if hparams["lit"] is not None and not isinstance(hparams["lit"], bool):
         raise ConfigError(f"hyperparameter lit must be true, false or null, got {hparams['lit']!r}")
     if hparams["train_max_len"] is not None and (not isinstance(hparams["train_max_len"], int) or hparams["train_max_len"] < 2):
@@ -410,9 +422,11 @@ def _trainer_class():
         by the evaluation stage, on held-out data.
         """
 
-        def __init__(self, *args, gather_with_grad: bool = False, **kwargs):
+        def __init__(self, *args, gather_with_grad: bool = False, lr_multipliers: Mapping[str, float] | None = None,
+                     **kwargs):
             super().__init__(*args, **kwargs)
             self.gather_with_grad = gather_with_grad
+            self.lr_multipliers = dict(lr_multipliers or {})
 
         def compute_loss(self, model, inputs, return_outputs=False):
             output = model(**inputs)
@@ -435,7 +449,7 @@ def _trainer_class():
                 self.optimizer = optimizer_cls(
                     learning_rate=self.lr_scheduler if lr_scheduler is None else lr_scheduler,
                     apply_decay_param_fun=lambda name: name in decay_names,
-                    parameters=[param for _, param in trainable],
+                    parameters=learning_rate_groups(self.model, trainable, self.lr_multipliers),
                     weight_decay=self.args.weight_decay,
                     grad_clip=paddle.nn.ClipGradByGlobalNorm(self.args.max_grad_norm)
                     if self.args.max_grad_norm > 0
@@ -475,6 +489,40 @@ def trainable_parameters(model) -> list[tuple[str, Any]]:
     """``(name, parameter)`` of every parameter that trains: not frozen by the model, not stop_gradient."""
     frozen = set(getattr(model, "frozen_parameter_names", lambda: set())())
     return [(name, param) for name, param in model.named_parameters() if name not in frozen and not param.stop_gradient]
+
+
+def learning_rate_groups(model, trainable: Sequence[tuple[str, Any]],
+                         multipliers: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the parameters of each named group of the model
+    (``model.lr_parameter_groups()``: group name -> parameter-name prefixes) whose multiplier is given
+    train at that multiple of the scheduled rate, every other trainable parameter at the rate itself.
+
+    A group the model does not define, a given group that holds no trainable parameter, or a
+    parameter in two given groups is a :class:`ConfigError`: a silently ignored multiplier would
+    change the recipe unnoticed.
+    """
+    defined = dict(getattr(model, "lr_parameter_groups", lambda: {})())
+    unknown = sorted(set(multipliers) - set(defined))
+    if unknown:
+        raise ConfigError(
+            f"lr_multipliers names parameter group(s) {unknown} that {type(model).__name__} does not define; "
+            f"it defines {sorted(defined) or 'none'}"
+        )
+    rate_of: dict[str, tuple[str, float]] = {}
+    for group, rate in multipliers.items():
+        prefixes = tuple(defined[group])
+        members = [name for name, _ in trainable if any(name == p or name.startswith(p + ".") for p in prefixes)]
+        if not members:
+            raise ConfigError(f"lr_multipliers group {group!r} holds no trainable parameter of {type(model).__name__}")
+        for name in members:
+            if name in rate_of:
+                raise ConfigError(f"parameter {name} is in lr_multipliers groups {rate_of[name][0]!r} and {group!r}")
+            rate_of[name] = (group, float(rate))
+    by_rate: dict[float, list[Any]] = {}
+    for name, param in trainable:
+        by_rate.setdefault(rate_of.get(name, ("", 1.0))[1], []).append(param)
+    # paddle reads a group's learning_rate as a multiplier of the optimizer's (scheduled) rate.
+    return [{"params": params, "learning_rate": rate} for rate, params in sorted(by_rate.items())]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -726,6 +774,7 @@ def finetune(
             output_dir / TRAIN_LOG, model_dir=model_dir, resumed_from=resume_path, run_info=run_info
         ),
         gather_with_grad=hparams["gather_with_grad"],
+        lr_multipliers=hparams["lr_multipliers"],
     )
     trainer.train(resume_from_checkpoint=resume)
 
