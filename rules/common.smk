@@ -143,11 +143,28 @@ def protocol_arg(wildcards):
     return quoted_json(evaluation_protocol(entry, kind, pair_stages(wildcards), MODELS))
 
 
-def vocabulary_inputs(wildcards):
-    """A tiny model builds its vocabulary from the training captions; pretrained models bring theirs."""
-    if model_entry(wildcards)["init"] == "tiny":
-        return {"vocab_split": f"resources/{wildcards.dataset}/lmdb/train"}
-    return {}
+def prepare_model_inputs(wildcards):
+    """A tiny model builds its vocabulary from the training captions (pretrained models bring theirs);
+    a model entry with `pretrain` pretrains on the training split, and its region store for region
+    families."""
+    entry = model_entry(wildcards)
+    inputs = {}
+    if entry["init"] == "tiny":
+        inputs["vocab_split"] = f"resources/{wildcards.dataset}/lmdb/train"
+    if "pretrain" in entry:
+        inputs["train"] = f"resources/{wildcards.dataset}/lmdb/train"
+        if "regions" in family_extra_inputs(wildcards):
+            inputs["regions"] = f"resources/{wildcards.dataset}/regions/train"
+    return inputs
+
+
+def prepare_model_args(wildcards, input):
+    args = [f"--vocab-split {input.vocab_split}"] if "vocab_split" in input.keys() else []
+    if "train" in input.keys():
+        args.append(f"--pretrain {quoted_json(model_entry(wildcards)['pretrain'])} --train-split {input.train}")
+    if "regions" in input.keys():
+        args.append(f"--regions {input.regions}")
+    return " ".join(args)
 
 
 def eval_split_dir(wildcards):

@@ -3,7 +3,7 @@
 
 rule prepare_model:
     input:
-        unpack(vocabulary_inputs),
+        unpack(prepare_model_inputs),
     output:
         directory("work/{dataset}/{model}/models/init"),
     params:
@@ -11,20 +11,21 @@ rule prepare_model:
         family=lambda wildcards: model_entry(wildcards)["family"],
         # JSON, because init is a name, a directory or a mapping of towers to either.
         init=lambda wildcards: quoted_json(model_entry(wildcards)["init"]),
-        # The only possible input is the split a tiny model takes its vocabulary from.
-        vocab=lambda wildcards, input: "".join(f"--vocab-split {path}" for path in input),
+        # the vocabulary split of a tiny model; the pretraining settings and data
+        args=prepare_model_args,
     log:
         "logs/prepare_model/{dataset}/{model}.log",
     benchmark:
         "benchmarks/prepare_model/{dataset}/{model}.tsv"
-    threads: 1
+    # Pretraining is one process; its matrix products use the job's cores.
+    threads: lambda wildcards: FINETUNE_THREADS if "pretrain" in model_entry(wildcards) else 1
     resources:
         mem_mb=4000,
         runtime=30,
     conda:
         "../envs/cpu.yaml"
     shell:
-        "python {params.script} --family {params.family} --init {params.init} {params.vocab}"
+        "python {params.script} --family {params.family} --init {params.init} {params.args}"
         " --out {output} > {log} 2>&1"
 
 

@@ -88,3 +88,26 @@ def make_image(fmt: str, size: tuple[int, int], seed: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buffer.getvalue()
+
+
+def serialized_region_split(root: Path, name: str, seed: int, images: int) -> list[str]:
+    """An English demo ``train`` split of ``images`` images serialized under ``root`` (``lmdb/``, its
+    region store ``regions/``, and ``vocab.txt`` from its captions); returns the captions."""
+    import zipfile
+
+    from vlretrieval.data import regions
+    from vlretrieval.data.demo import DemoSpec, write_demo_archive
+    from vlretrieval.data.lmdb_store import SplitStore, serialize_split
+    from vlretrieval.models.vocab import build_vocab_file
+
+    spec = DemoSpec(name=name, seed=seed, sizes={"train": images}, caption_language="en", regions=True)
+    write_demo_archive(spec, root / "demo.zip")
+    zipfile.ZipFile(root / "demo.zip").extractall(root / "dl")
+    entry = {"format": "raw_tsv", "root": name,
+             "regions": {"features": "{split}_features.tsv", "predictions": "{split}_predictions.tsv"}}
+    serialize_split("raw_tsv", root / "dl", "train", root / "lmdb", entry=entry, progress=False, workers=1)
+    regions.serialize_split_regions(root / "dl", entry, "train", root / "lmdb", root / "regions")
+    with SplitStore(root / "lmdb") as store:
+        texts = [t.text for t in store.texts()]
+    build_vocab_file(texts, root / "vocab.txt")
+    return texts

@@ -4,36 +4,27 @@ from __future__ import annotations
 
 import random
 import re
-import zipfile
 
 import numpy as np
 import pytest
 
-from vlretrieval.data import regions
-from vlretrieval.data.demo import DemoSpec, write_demo_archive
-from vlretrieval.data.lmdb_store import SplitStore, serialize_split
+from vlretrieval.data.lmdb_store import SplitStore
 from vlretrieval.data.regions import FEATURE_DIM, RegionStore
 from vlretrieval.errors import ConfigError
 from vlretrieval.training.itm import RegionPairCollator, RegionPairDataset
+
+from .conftest import serialized_region_split
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     """A serialized English demo split of 40 images with its region store, and a tiny VinVL tokenizer."""
     from vlretrieval.models.registry import get_family
-    from vlretrieval.models.vocab import build_vocab_file
 
     root = tmp_path_factory.mktemp("itm")
-    spec = DemoSpec(name="demo_itm", seed=7, sizes={"train": 40}, caption_language="en", regions=True)
-    write_demo_archive(spec, root / "demo.zip")
-    zipfile.ZipFile(root / "demo.zip").extractall(root / "dl")
-    entry = {"format": "raw_tsv", "root": "demo_itm",
-             "regions": {"features": "{split}_features.tsv", "predictions": "{split}_predictions.tsv"}}
-    serialize_split("raw_tsv", root / "dl", "train", root / "lmdb", entry=entry, progress=False, workers=1)
-    regions.serialize_split_regions(root / "dl", entry, "train", root / "lmdb", root / "regions")
+    serialized_region_split(root, "demo_itm", seed=7, images=40)
     with SplitStore(root / "lmdb") as store:
         texts = store.texts()
-    build_vocab_file([t.text for t in texts], root / "vocab.txt")
     _, tokenizer = get_family("vinvl").build_tiny(root / "vocab.txt")
     return root, texts, tokenizer
 

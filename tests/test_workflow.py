@@ -258,7 +258,8 @@ def test_cross_encoders_run_end_to_end_with_their_protocols(workflow):
         {"grid": {"datasets": [name], "models": ["vinvl"], "pairs": [f"{name}/bridgetower"]},
          "pair_overrides": {name: {
              "*": {"init": "tiny", "train": recipe},
-             "vinvl": {"eval": {"max_len": 48, "protocol": "exhaustive"}},
+             "vinvl": {"pretrain": {"steps": 8, "batch_size": 16, "max_len": 48},
+                       "eval": {"max_len": 48, "protocol": "exhaustive"}},
              "bridgetower": {"eval": {"candidates": {"head": "itc", "k": 12}}},
          }}},
         datasets={name: entry},
@@ -291,3 +292,13 @@ def test_cross_encoders_run_end_to_end_with_their_protocols(workflow):
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     summary = (workflow.workdir / "results" / "summary.csv").read_text(encoding="utf-8")
     assert f"{name},vinvl,finetuned" in summary and f"{name},bridgetower,finetuned" in summary
+
+    # VinVL's initial model was pretrained on the training split first; BridgeTower kept its recipe's
+    # learning-rate multipliers under the pair override.
+    init_info = json.loads((workflow.workdir / f"work/{name}/vinvl/models/init/vlretrieval_model.json").read_text())
+    assert init_info["pretrain"]["examples"] == 8 * 16 and init_info["pretrain"]["max_len"] == 48
+    assert "pretrain step 8/8: masked-token loss" in (
+        workflow.workdir / f"logs/prepare_model/{name}/vinvl.log").read_text(encoding="utf-8")
+    start = next(row for row in _read_jsonl(workflow.workdir / f"work/{name}/bridgetower/train_log.jsonl")
+                 if row.get("event") == "start")
+    assert start["hparams"]["lr_multipliers"] == {"cross_modal": 5.0, "heads": 5.0}

@@ -1,5 +1,5 @@
 """Write a pair's initial model directory: pretrained weights, a local directory, separately pretrained
-towers, or a tiny random model."""
+towers, or a tiny random model; optionally pretrained on the training split first."""
 
 import argparse
 from pathlib import Path
@@ -17,12 +17,18 @@ def main(argv=None):
         'or {"vision": NAME_OR_DIR, "text": NAME_OR_DIR} for separately pretrained towers',
     )
     parser.add_argument("--vocab-split", type=Path, help="serialized split whose captions make a tiny model's vocabulary")
+    parser.add_argument("--pretrain", type=json_arg, help="JSON: the model entry's pretrain settings")
+    parser.add_argument("--train-split", type=Path, help="serialized training split to pretrain on")
+    parser.add_argument("--regions", type=Path, help="region store of the training split (region families)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if not isinstance(args.init, (str, dict)):
         parser.error(f"--init must be a JSON string or object, got {args.init!r}")
     vocab_texts = vocab_texts_from_split(args.vocab_split) if args.vocab_split else None
-    prepare_initial_model(args.family, args.init, args.out, vocab_texts=vocab_texts)
+    if args.pretrain is not None and not isinstance(args.pretrain, dict):
+        parser.error(f"--pretrain must be a JSON object, got {args.pretrain!r}")
+    prepare_initial_model(args.family, args.init, args.out, vocab_texts=vocab_texts, pretrain=args.pretrain,
+                          train_data=args.train_split, regions=args.regions)
 
 
 if __name__ == "__main__":

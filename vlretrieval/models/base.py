@@ -22,7 +22,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -333,6 +333,12 @@ class ModelFamily:
         from ..training.data import PairCollator
 
         return PairCollator(tokenizer.pad_token_id)
+
+    def pretrain(self, model: Any, tokenizer: Any, train_data: str | os.PathLike, *,
+                 settings: Mapping[str, Any], regions: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Pretrain ``model`` in place on ``train_data`` with the family's pretraining objective (a
+        model entry's ``pretrain``); returns what was done, for the model's info file."""
+        raise ConfigError(f"{self.name} has no pretraining objective: remove 'pretrain' from its model entry")
 
     def pair_scorer(self, model_dir: str | os.PathLike, split_dir: str | os.PathLike, *,
                     regions: str | os.PathLike | None = None, batch_size: int = 256,

@@ -30,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import paddle
@@ -206,8 +206,22 @@ class OscarForImageTextMatching(OscarPretrainedModel, CrossEncoder):
                 int(negative_candidates.reshape([-1])[0]), input_ids, token_type_ids, attention_mask,
                 region_features, region_mask,
             )
+        hidden = self.encode(input_ids, token_type_ids, attention_mask, region_features, region_mask)
+        pooled = self.dropout(self.pooler(hidden))
+        logits = self.classifier(pooled).astype("float32")
+        return ITMOutput(logits=logits, labels=labels)
+
+    def encode(
+        self,
+        input_ids: paddle.Tensor,
+        token_type_ids: paddle.Tensor | None = None,
+        attention_mask: paddle.Tensor | None = None,
+        region_features: paddle.Tensor | None = None,
+        region_mask: paddle.Tensor | None = None,
+    ) -> paddle.Tensor:
+        """Last hidden states ``[n, L + R, hidden]``: the ``L`` text tokens, then the ``R`` regions."""
         if region_features is None:
-            raise ValueError("OscarForImageTextMatching.forward needs region_features [n, R, feature_dim]")
+            raise ValueError("OscarForImageTextMatching needs region_features [n, R, feature_dim]")
         n, length = input_ids.shape[0], input_ids.shape[1]
         if length > self.config.max_position_embeddings:
             raise ValueError(
@@ -234,10 +248,7 @@ class OscarForImageTextMatching(OscarPretrainedModel, CrossEncoder):
 
         mask = paddle.concat([attention_mask.astype(hidden.dtype), region_mask.astype(hidden.dtype)], axis=1)
         additive = ((1.0 - mask) * MASK_VALUE).unsqueeze([1, 2])
-        hidden = self.encoder(hidden, src_mask=additive)
-        pooled = self.dropout(self.pooler(hidden))
-        logits = self.classifier(pooled).astype("float32")
-        return ITMOutput(logits=logits, labels=labels)
+        return self.encoder(hidden, src_mask=additive)
 
     def _hardest_negative_forward(self, k: int, *inputs: paddle.Tensor | None) -> ITMOutput:
         group = k + 1
@@ -279,6 +290,27 @@ class OscarForImageTextMatching(OscarPretrainedModel, CrossEncoder):
 
     def no_weight_decay_names(self) -> set[str]:
         return set()
+
+
+class OscarMaskedTokenHead(nn.Layer):
+    """BERT's masked-token prediction head over the text positions of :meth:`OscarForImageTextMatching.encode`:
+    dense + GELU + LayerNorm, then scores against the model's word embeddings (tied) plus a bias.
+
+    Oscar pretrains with it and drops it before fine-tuning; it is never part of a saved model.
+    """
+
+    def __init__(self, model: OscarForImageTextMatching):
+        super().__init__()
+        config = model.config
+        self.word_embeddings = model.embeddings.word_embeddings.weight
+        self.transform = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.GELU()
+        self.norm = nn.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps)
+        self.bias = self.create_parameter([config.vocab_size], is_bias=True)
+
+    def forward(self, text_hidden: paddle.Tensor) -> paddle.Tensor:
+        states = self.norm(self.activation(self.transform(text_hidden)))
+        return paddle.matmul(states, self.word_embeddings, transpose_y=True) + self.bias
 
 
 def _cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
@@ -341,6 +373,16 @@ class VinVLFamily(ModelFamily):
         from ..training.itm import RegionPairCollator
 
         return RegionPairCollator(self.name, tokenizer, max_len=max_len, max_regions=self.max_regions)
+
+    def pretrain(self, model: Any, tokenizer: Any, train_data: str | os.PathLike, *,
+                 settings: Mapping[str, Any], regions: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Oscar's masked-token pretraining over caption and tags, given the regions
+        (:func:`vlretrieval.training.pretrain.masked_token_pretraining`)."""
+        from ..training.pretrain import masked_token_pretraining
+
+        if regions is None:
+            raise ConfigError(f"{self.name} pretrains on detector regions: give the region store of {train_data}")
+        return masked_token_pretraining(self.name, model, tokenizer, train_data, regions, settings)
 
     def pair_scorer(self, model_dir: str | os.PathLike, split_dir: str | os.PathLike, *,
                     regions: str | os.PathLike | None = None, batch_size: int = 256,

@@ -548,6 +548,9 @@ def prepare_initial_model(
     seed: int = 0,
     tiny_overrides: Mapping[str, Any] | None = None,
     vocab_min_count: int = 1,
+    pretrain: Mapping[str, Any] | None = None,
+    train_data: str | os.PathLike | None = None,
+    regions: str | os.PathLike | None = None,
 ) -> Path:
     """Write the starting model directory of a fine-tuning run, atomically.
 
@@ -556,6 +559,10 @@ def prepare_initial_model(
     directory (``{"vision": ..., "text": ...}``) for families assembled from separately pretrained
     towers (``family.load_towers``; new weights such as projections come from ``seed``). The result
     reloads offline with ``family.load_model(out_dir)`` / ``family.load_tokenizer(out_dir)``.
+
+    With ``pretrain`` (a model entry's ``pretrain`` settings) the model is then pretrained on
+    ``train_data`` (and its ``regions``) with the family's pretraining objective before it is saved
+    (:mod:`vlretrieval.training.pretrain`); the info file records the run.
     """
     from ..models.registry import get_family
     from ..models.vocab import build_vocab_file
@@ -591,6 +598,10 @@ def prepare_initial_model(
             info = {"init": os.fspath(init)}
         else:
             raise ConfigError(f"init must be 'tiny', a pretrained name, a directory or a mapping of towers, got {init!r}")
+        if pretrain is not None:
+            if train_data is None:
+                raise ConfigError(f"pretraining {family_name} needs the training split (train_data)")
+            info["pretrain"] = family.pretrain(model, tokenizer, train_data, settings=pretrain, regions=regions)
         family.save(model, tokenizer, tmp, extra_info=info)
     return out_dir
 

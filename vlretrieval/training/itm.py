@@ -102,9 +102,14 @@ class RegionPairDataset(Dataset):
         raise DataError(str(self.split_dir), f"no negative found for image {image_id} in 100 draws: "
                                              "nearly every caption matches every image")
 
+    def positive(self, index: int) -> dict[str, Any]:
+        """Pair ``index`` of the split alone (label 1): caption and tag ids and the image's regions."""
+        image_id, caption_position = self._pairs[int(index)]
+        return self._example(caption_position, image_id, 1)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id, caption_position = self._pairs[int(index)]
-        examples = [self._example(caption_position, image_id, 1)]
+        examples = [self.positive(index)]
         for _ in range(self.negative_candidates):
             # The module generator: paddle reseeds it in every DataLoader worker and the Trainer seeds it.
             negative_caption, negative_image = self.negative_for(image_id, caption_position, random)
