@@ -6,6 +6,9 @@
 Builds a synthetic English test split with detector-like region features (the ``demo_en``
 generator, ``--images`` images x 5 captions; 1,000 images is the size of the COCO 1K test) the
 way the workflow does (archive -> raw files -> LMDB split -> region store), then on that split:
+its images come from ``--seed``, its region appearance vectors (the demo's "detector") from
+``demo_en``'s seed unless ``--appearance-seed`` says otherwise, so that a VinVL trained on
+``demo_en`` reads them as its own detector's features.
 
 * ``exhaustive``: the VinVL cross encoder scores every (text, image) pair
   (``rank_exhaustive``); its rate is the benchmark's pairs per second;
@@ -42,7 +45,8 @@ DEFAULT_CANDIDATES = ROOT / "work" / "demo_en" / "ernie_vil" / "models" / "finet
 REGION_FILES = {"features": "{split}_features.tsv", "predictions": "{split}_predictions.tsv"}
 
 
-def _build_split(work: Path, images: int, captions: int, seed: int) -> tuple[Path, Path, float]:
+def _build_split(work: Path, images: int, captions: int, seed: int,
+                 appearance_seed: int) -> tuple[Path, Path, float]:
     """Generate, extract and serialize the split and its regions; returns (split dir, regions dir, seconds)."""
     from vlretrieval.data.demo import DemoSpec, write_demo_archive
     from vlretrieval.data.download import safe_extract
@@ -51,7 +55,7 @@ def _build_split(work: Path, images: int, captions: int, seed: int) -> tuple[Pat
 
     started = time.perf_counter()
     spec = DemoSpec(name=NAME, seed=seed, sizes={SPLIT: images}, image_size=64, captions_per_image=captions,
-                    caption_language="en", regions=True)
+                    caption_language="en", regions=True, appearance_seed=appearance_seed)
     write_demo_archive(spec, work / f"{NAME}.zip")
     safe_extract(work / f"{NAME}.zip", work / "download")
     split_dir, regions_dir = work / "lmdb" / SPLIT, work / "regions" / SPLIT
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU math-library threads (OMP/MKL/OpenBLAS; default: the libraries' own)")
     parser.add_argument("--seed", type=int, default=5, help="generator seed of the test split")
+    parser.add_argument("--appearance-seed", type=int, default=None,
+                        help="seed of the split's region appearance vectors (default: demo_en's generator seed, "
+                             "so that the VinVL trained on demo_en reads them as its own detector's features)")
     parser.add_argument("--vinvl-model", type=Path, default=None,
                         help=f"VinVL model directory (default: {DEFAULT_VINVL.relative_to(ROOT)} if present)")
     parser.add_argument("--candidates-model", type=Path, default=None,
@@ -131,16 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import paddle
 
+    from vlretrieval.config import load_datasets
     from vlretrieval.retrieval.extract import IMAGES_DIR, TEXTS_DIR, extract_split
     from vlretrieval.retrieval.rerank import (RegionPairScorer, candidate_positions, rank_exhaustive,
                                               rerank_candidates)
     from vlretrieval.retrieval.evaluate import I2T_FILE, T2I_FILE
     from vlretrieval.retrieval.topk import rank_features
 
+    appearance_seed = args.appearance_seed
+    if appearance_seed is None:
+        appearance_seed = int(load_datasets(ROOT / "config" / "datasets.yaml")["demo_en"]["generator"]["seed"])
     paddle.set_device("cpu")
     with tempfile.TemporaryDirectory(prefix="bench_rerank.", dir=args.dir) as tmp:
         work = Path(tmp)
-        split_dir, regions_dir, data_s = _build_split(work, args.images, args.captions_per_image, args.seed)
+        split_dir, regions_dir, data_s = _build_split(work, args.images, args.captions_per_image, args.seed,
+                                                      appearance_seed)
         vinvl_dir, vinvl_origin = _model(args.vinvl_model, DEFAULT_VINVL, "vinvl", work, split_dir)
         dual_dir, dual_origin = _model(args.candidates_model, DEFAULT_CANDIDATES, "ernie_vil", work, split_dir)
 
@@ -192,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "paddle": paddle.__version__,
         "threads": args.threads,
         "batch_size": args.batch_size,
-        "split": {"images": n_images, "texts": n_texts, "seed": args.seed, "build_seconds": round(data_s, 2)},
+        "split": {"images": n_images, "texts": n_texts, "seed": args.seed, "appearance_seed": appearance_seed,
+                  "build_seconds": round(data_s, 2)},
         "models": {"vinvl": vinvl_origin, "candidates": dual_origin},
         "model_dirs": {
             "vinvl": str(vinvl_dir) if vinvl_origin != "untrained tiny" else None,

@@ -245,6 +245,24 @@ def test_demo_region_members_and_lineidx(region_archive, tmp_path):
         assert len(rows) == spec.sizes[split]
 
 
+def test_demo_appearance_seed_sets_the_detector_only(tmp_path):
+    base = demo.DemoSpec(name="demo_a", seed=5, sizes={"test": 6}, caption_language="en", regions=True)
+    shared = demo.DemoSpec(name="demo_a", seed=5, sizes={"test": 6}, caption_language="en", regions=True,
+                           appearance_seed=0)
+    samples = demo.generate_samples(base)
+    assert [i.objects for i in demo.generate_samples(shared)["test"]] == [i.objects for i in samples["test"]]
+    own, other = demo.region_data(base, samples), demo.region_data(shared, samples)
+    seed0, seed5 = demo.appearance_prototypes(0), demo.appearance_prototypes(5)
+    for image in samples["test"]:
+        for obj, mine, theirs in zip(image.objects, own[image.image_id][0], other[image.image_id][0]):
+            kind = (obj.shape, obj.colour)
+            assert float((mine[:2048] - seed5[kind]).std()) < 0.2 < float((mine[:2048] - seed0[kind]).std())
+            assert float((theirs[:2048] - seed0[kind]).std()) < 0.2
+            np.testing.assert_array_equal(mine[2048:], theirs[2048:])
+    with pytest.raises(demo.DemoSpecError, match="appearance_seed"):
+        demo.DemoSpec(name="demo_a", sizes={"test": 2}, appearance_seed=-1)
+
+
 def test_demo_region_boxes_tags_and_appearance(region_archive):
     spec, archive = region_archive
     samples = demo.generate_samples(spec)

@@ -397,6 +397,10 @@ class DemoSpec:
     caption_language: str = "zh"
     # Also write VinVL-format region features and object predictions per split.
     regions: bool = False
+    # Seed of the region appearance vectors, the demo's "detector"; None: ``seed``. A split generated
+    # with another seed but the appearance seed of the dataset a model was trained on has regions that
+    # model can read, as one detector's features carry over between datasets.
+    appearance_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
@@ -428,6 +432,8 @@ class DemoSpec:
             )
         if not isinstance(self.regions, bool):
             raise DemoSpecError(f"regions must be true or false, got {self.regions!r}")
+        if self.appearance_seed is not None and (not _is_int(self.appearance_seed) or self.appearance_seed < 0):
+            raise DemoSpecError(f"appearance_seed must be a non-negative integer or null, got {self.appearance_seed!r}")
         total = self.total_images
         if total == 0:
             raise DemoSpecError("sizes add up to zero images")
@@ -663,7 +669,7 @@ def appearance_prototypes(seed: int) -> dict[tuple[str, str], np.ndarray]:
 
 def region_data(spec: DemoSpec, samples: Mapping[str, Sequence[DemoImage]]) -> dict[int, tuple[np.ndarray, dict]]:
     """Per image id: the float32 ``[num_objects, 2054]`` region features and the predictions record."""
-    prototypes = appearance_prototypes(spec.seed)
+    prototypes = appearance_prototypes(spec.seed if spec.appearance_seed is None else int(spec.appearance_seed))
     noise_rng = np.random.default_rng(np.random.SeedSequence(spec.seed).spawn(5)[4])
     result = {}
     for images in samples.values():
