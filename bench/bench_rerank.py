@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     appearance_seed = args.appearance_seed
     if appearance_seed is None:
-        appearance_seed = int(load_datasets(ROOT / "config" / "datasets.yaml")["demo_en"]["generator"]["seed"])
+        appearance_seed = int(load_datasets(ROOT / "config" / "datasets.yaml")["demo_en"]["generator"].get("seed", 0))
     paddle.set_device("cpu")
     with tempfile.TemporaryDirectory(prefix="bench_rerank.", dir=args.dir) as tmp:
         work = Path(tmp)

@@ -19,6 +19,7 @@ from vlretrieval.config import (
     require,
     subset,
 )
+from vlretrieval.errors import ConfigError
 from vlretrieval.models.registry import family_spec
 
 # Jobs import the package from this checkout, also inside the conda environments of --sdm conda,
@@ -151,7 +152,10 @@ def prepare_model_inputs(wildcards):
     inputs = {}
     if entry["init"] == "tiny":
         inputs["vocab_split"] = f"resources/{wildcards.dataset}/lmdb/train"
-    if "pretrain" in entry:
+    if entry.get("pretrain"):
+        if "train" not in dataset_entry(wildcards)["splits"]:
+            raise ConfigError(f"{wildcards.dataset}/{wildcards.model}: pretrain needs a train split, and "
+                              f"{wildcards.dataset} has only {dataset_entry(wildcards)['splits']}")
         inputs["train"] = f"resources/{wildcards.dataset}/lmdb/train"
         if "regions" in family_extra_inputs(wildcards):
             inputs["regions"] = f"resources/{wildcards.dataset}/regions/train"

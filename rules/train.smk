@@ -18,10 +18,10 @@ rule prepare_model:
     benchmark:
         "benchmarks/prepare_model/{dataset}/{model}.tsv"
     # Pretraining is one process; its matrix products use the job's cores.
-    threads: lambda wildcards: FINETUNE_THREADS if "pretrain" in model_entry(wildcards) else 1
+    threads: lambda wildcards: FINETUNE_THREADS if model_entry(wildcards).get("pretrain") else 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=lambda wildcards: 16000 if model_entry(wildcards).get("pretrain") else 4000,
+        runtime=lambda wildcards: 24 * 60 if model_entry(wildcards).get("pretrain") else 30,
     conda:
         "../envs/cpu.yaml"
     shell:

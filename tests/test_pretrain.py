@@ -91,6 +91,11 @@ def test_prepare_initial_model_pretrains_and_records_it(split, tmp_path):
     assert info["init"] == "tiny" and info["pretrain"]["settings"]["steps"] == 3
     assert info["pretrain"]["examples"] == 12
     get_family("vinvl").load_model(out)
+    # A batch larger than the split's 120 pairs draws from several passes over it.
+    larger = prepare_initial_model("vinvl", "tiny", tmp_path / "large_batch", vocab_texts=texts,
+                                   pretrain={"steps": 1, "batch_size": 300}, train_data=root / "lmdb",
+                                   regions=root / "regions")
+    assert json.loads((larger / MODEL_INFO_FILE).read_text())["pretrain"]["examples"] == 300
 
     with pytest.raises(ConfigError, match="region store"):
         prepare_initial_model("vinvl", "tiny", tmp_path / "no_regions", vocab_texts=texts,

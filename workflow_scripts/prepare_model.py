@@ -24,9 +24,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not isinstance(args.init, (str, dict)):
         parser.error(f"--init must be a JSON string or object, got {args.init!r}")
-    vocab_texts = vocab_texts_from_split(args.vocab_split) if args.vocab_split else None
     if args.pretrain is not None and not isinstance(args.pretrain, dict):
         parser.error(f"--pretrain must be a JSON object, got {args.pretrain!r}")
+    if args.pretrain is None and (args.train_split or args.regions):
+        parser.error("--train-split and --regions are the pretraining data: give --pretrain with them")
+    vocab_texts = vocab_texts_from_split(args.vocab_split) if args.vocab_split else None
     prepare_initial_model(args.family, args.init, args.out, vocab_texts=vocab_texts, pretrain=args.pretrain,
                           train_data=args.train_split, regions=args.regions)
 

@@ -24,8 +24,8 @@ each split also gets VinVL-format region data (see :mod:`vlretrieval.data.region
         {split}_predictions.tsv   image_id <TAB> {"image_h", "image_w", "num_boxes", "objects": [{"class", "conf", "rect"}]}
 
 One region per drawn object, in grid order: its appearance is a fixed 2048-d Gaussian vector per
-(shape, colour) drawn from the seed, plus a little per-object Gaussian noise
-(``REGION_NOISE``), followed by the 6 VinVL box values of the object's box; its class (the
+(shape, colour) drawn from the appearance seed (the dataset seed unless given), plus a little
+per-object Gaussian noise (``REGION_NOISE``), followed by the 6 VinVL box values of the object's box; its class (the
 object tag) is ``"<colour> <shape>"``, the object's ``class_name``.
 Image ids and text ids start at 1 and are unique across the whole archive.
 

@@ -440,6 +440,7 @@ def _trainer_class():
                 # Frozen parameters get no optimizer state at all (no moments, no decay), so a
                 # checkpoint holds none for them and the optimizer cannot move them.
                 trainable = trainable_parameters(self.model)
+                apply_learning_rate_multipliers(self.model, trainable, self.lr_multipliers)
                 decay_names = {
                     param.name
                     for name, param in trainable
@@ -449,7 +450,7 @@ def _trainer_class():
                 self.optimizer = optimizer_cls(
                     learning_rate=self.lr_scheduler if lr_scheduler is None else lr_scheduler,
                     apply_decay_param_fun=lambda name: name in decay_names,
-                    parameters=learning_rate_groups(self.model, trainable, self.lr_multipliers),
+                    parameters=[param for _, param in trainable],
                     weight_decay=self.args.weight_decay,
                     grad_clip=paddle.nn.ClipGradByGlobalNorm(self.args.max_grad_norm)
                     if self.args.max_grad_norm > 0
@@ -491,15 +492,18 @@ def trainable_parameters(model) -> list[tuple[str, Any]]:
     return [(name, param) for name, param in model.named_parameters() if name not in frozen and not param.stop_gradient]
 
 
-def learning_rate_groups(model, trainable: Sequence[tuple[str, Any]],
-                         multipliers: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: the parameters of each named group of the model
-    (``model.lr_parameter_groups()``: group name -> parameter-name prefixes) whose multiplier is given
-    train at that multiple of the scheduled rate, every other trainable parameter at the rate itself.
+def apply_learning_rate_multipliers(model, trainable: Sequence[tuple[str, Any]],
+                                    multipliers: Mapping[str, float]) -> dict[str, float]:
+    """Set each trainable parameter's multiplier of the scheduled learning rate: the parameters of
+    each named group of the model (``model.lr_parameter_groups()``: group name -> parameter-name
+    prefixes) whose multiplier is given train at that multiple, all others at 1. Returns the
+    multipliers other than 1 by parameter name.
 
-    A group the model does not define, a given group that holds no trainable parameter, or a
-    parameter in two given groups is a :class:`ConfigError`: a silently ignored multiplier would
-    change the recipe unnoticed.
+    paddle's optimizers scale the rate by ``param.optimize_attr["learning_rate"]``; setting it on the
+    parameters, rather than passing parameter groups, keeps gradient clipping global (paddle clips
+    each group on its own). A group the model does not define, a given group that holds no trainable
+    parameter, or a parameter in two given groups is a :class:`ConfigError`: a silently ignored
+    multiplier would change the recipe unnoticed.
     """
     defined = dict(getattr(model, "lr_parameter_groups", lambda: {})())
     unknown = sorted(set(multipliers) - set(defined))
@@ -518,11 +522,9 @@ def learning_rate_groups(model, trainable: Sequence[tuple[str, Any]],
             if name in rate_of:
                 raise ConfigError(f"parameter {name} is in lr_multipliers groups {rate_of[name][0]!r} and {group!r}")
             rate_of[name] = (group, float(rate))
-    by_rate: dict[float, list[Any]] = {}
     for name, param in trainable:
-        by_rate.setdefault(rate_of.get(name, ("", 1.0))[1], []).append(param)
-    # paddle reads a group's learning_rate as a multiplier of the optimizer's (scheduled) rate.
-    return [{"params": params, "learning_rate": rate} for rate, params in sorted(by_rate.items())]
+        param.optimize_attr["learning_rate"] = rate_of.get(name, ("", 1.0))[1]
+    return {name: rate for name, (_, rate) in rate_of.items() if rate != 1.0}
 
 
 # --------------------------------------------------------------------------------------------------

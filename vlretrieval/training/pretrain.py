@@ -104,14 +104,15 @@ def masked_token_pretraining(family_name: str, model: Any, tokenizer: Any, train
     import paddle
     import paddle.nn.functional as F
 
+    from ..models.base import checked_context_length
     from ..models.registry import get_family
     from ..models.vinvl import OscarMaskedTokenHead
     from .itm import RegionPairDataset
 
     settings = resolve_pretrain_settings(settings)
     family = get_family(family_name)
-    max_len = int(settings["max_len"] or family.train_max_len)
-    max_len = min(max_len, int(model.config.max_position_embeddings))
+    max_len = checked_context_length(settings["max_len"], family.train_max_len,
+                                     model.config.max_position_embeddings, train_data)
     dataset = RegionPairDataset(train_data, regions, family_name, tokenizer)
     special = np.asarray(sorted({int(tokenizer.cls_token_id), int(tokenizer.sep_token_id),
                                  int(tokenizer.pad_token_id)}), dtype=np.int64)
@@ -138,6 +139,8 @@ def masked_token_pretraining(family_name: str, model: Any, tokenizer: Any, train
     for step in range(steps):
         if len(order) < settings["batch_size"]:
             order = rng.permutation(len(dataset)).tolist()
+            while len(order) < settings["batch_size"]:  # a batch larger than the split
+                order = rng.permutation(len(dataset)).tolist() + order
         examples = [dataset.positive(order.pop()) for _ in range(settings["batch_size"])]
         batch = family.assemble_pairs(
             tokenizer, [e["caption_ids"] for e in examples], [e["tag_ids"] for e in examples],
