@@ -168,6 +168,8 @@ def prepare_model_args(wildcards, input):
         args.append(f"--pretrain {quoted_json(model_entry(wildcards)['pretrain'])} --train-split {input.train}")
     if "regions" in input.keys():
         args.append(f"--regions {input.regions}")
+    if model_entry(wildcards).get("image_size") is not None:
+        args.append(f"--image-size {model_entry(wildcards)['image_size']}")
     return " ".join(args)
 
 

@@ -24,6 +24,7 @@ from vlretrieval.models.bridgetower import (
     main,
 )
 from vlretrieval.models.vocab import build_vocab_file
+from vlretrieval.training.finetune import prepare_initial_model
 
 paddle.set_device("cpu")
 
@@ -154,6 +155,50 @@ def test_converted_model_matches_hf(hf_checkpoints, converted):
     # The text pooler and the MLM head are unused by the forward pass and reported, not converted.
     assert any(key.startswith("bridgetower.text_model.pooler.") for key in info["conversion"]["ignored"])
     assert model.config.text_config.pad_token_id == 1
+
+
+def test_resized_model_matches_hf_interpolated_positions(hf_checkpoints, converted, tmp_path):
+    """Fine-tuning resolution (the authors': 384 px from 288 px weights): the resized model's ITM
+    logits on larger images equal HF's with ``interpolate_pos_encoding`` (bicubic, class row kept)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    root, _, _, _ = hf_checkpoints
+    retrieval = transformers.BridgeTowerForImageAndTextRetrieval.from_pretrained(root / "itm").eval()
+    pixels = np.random.default_rng(3).standard_normal((2, 3, 48, 48)).astype(np.float32)
+    with torch.no_grad():
+        pooled = retrieval.bridgetower(
+            input_ids=torch.from_numpy(HF_INPUT_IDS), attention_mask=torch.from_numpy(HF_MASK),
+            pixel_values=torch.from_numpy(pixels), interpolate_pos_encoding=True,
+        ).pooler_output
+        expected = retrieval.itm_score(pooled).numpy()
+
+    out = prepare_initial_model("bridgetower", str(converted), tmp_path / "init", image_size=48)
+    model = FAMILY.load_model(out)
+    assert FAMILY.image_size(model) == 48 and model.vision.pos_embed.weight.shape[0] == 1 + 6 * 6
+    info = read_model_info(out)
+    assert info["image_size"] == 48 and info["image_resize"] == {"from": 32, "to": 48}
+    with paddle.no_grad():
+        ours = model.itm_logits(paddle.to_tensor(HF_INPUT_IDS), paddle.to_tensor(HF_MASK), paddle.to_tensor(pixels)).numpy()
+    diff = float(np.abs(ours - expected).max())
+    print("max abs diff vs HF at 48 px:", diff)
+    assert diff < 1e-4 and np.abs(expected).max() > 1e-2
+    original = FAMILY.load_model(converted)
+    np.testing.assert_array_equal(model.vision.pos_embed.weight.numpy()[0], original.vision.pos_embed.weight.numpy()[0])
+    np.testing.assert_array_equal(model.itm_head.weight.numpy(), original.itm_head.weight.numpy())
+    with pytest.raises(ValueError, match="48x48"):
+        model.itm_logits(paddle.to_tensor(HF_INPUT_IDS), paddle.to_tensor(HF_MASK), _pixels(2, 32))
+
+
+def test_image_size_is_validated(tiny, tmp_path):
+    model, _ = tiny
+    assert FAMILY.with_image_size(model, 32) is model
+    for bad in (36, 0, True, 40.0):
+        with pytest.raises(ConfigError, match="multiple of the patch size"):
+            FAMILY.with_image_size(model, bad)
+    from vlretrieval.models.registry import get_family
+
+    with pytest.raises(ConfigError, match="ernie_vil cannot change the image resolution"):
+        get_family("ernie_vil").with_image_size(object(), 384)
 
 
 def test_converted_tokenizer_is_roberta(converted):

@@ -41,6 +41,7 @@ from vlretrieval.training.finetune import (
     prepare_initial_model,
     read_train_log,
     resolve_hparams,
+    training_arguments,
     vocab_texts_from_split,
 )
 
@@ -189,6 +190,21 @@ def test_hparams_are_validated():
         with pytest.raises(ConfigError, match="lr_multipliers"):
             resolve_hparams({"lr_multipliers": bad})
     assert resolve_hparams({"lr_multipliers": {"heads": 5}})["lr_multipliers"] == {"heads": 5.0}
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ConfigError, match="warmup_ratio"):
+            resolve_hparams({"warmup_ratio": bad})
+
+
+def test_warmup_ratio_sets_the_schedules_warmup(tmp_path):
+    """The ratio reaches paddlenlp's scheduler: 10% of 40 steps warm up, and warmup_steps > 0 wins."""
+
+    def warmup(overrides):
+        args = training_arguments(resolve_hparams(overrides), tmp_path, device="cpu", recompute=False)
+        return args.get_warmup_steps(40)
+
+    assert warmup({"warmup_steps": 0, "warmup_ratio": 0.1}) == 4
+    assert warmup({"warmup_steps": 7, "warmup_ratio": 0.1}) == 7
+    assert warmup({"warmup_steps": 0}) == 0
 
 
 def test_launch_command_forms(tmp_path):

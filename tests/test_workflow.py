@@ -58,6 +58,11 @@ def test_cross_encoder_dags_plan_from_download(workflow):
                      "rerank": 2, "score": 1}
     bridgetower = _job_counts(workflow.run("results/flickr30k/bridgetower/", "-n", "--quiet", "rules").stdout)
     assert bridgetower == {"download": 1, "serialize": 2, "prepare_model": 1, "finetune": 1, "rerank": 2, "score": 1}
+    # The authors' fine-tuning resolution reaches the initial model; the tiny demo model keeps its own.
+    assert "--image-size 384 --out work/flickr30k/bridgetower/models/init" in workflow.run(
+        "results/flickr30k/bridgetower/", "-n", "-p").stdout
+    demo = workflow.run("results/demo_en/bridgetower/", "-n", "-p").stdout
+    assert "prepare_model.py --family bridgetower" in demo and "--image-size" not in demo
 
     # Two-stage VinVL: ERNIE-ViL's fine-tuned features of the same split become a dependency.
     workflow.write_config({"grid": {"datasets": ["coco2014"], "models": ["vinvl"]}, "pair_overrides": {"coco2014": {

@@ -1,5 +1,5 @@
 """Write a pair's initial model directory: pretrained weights, a local directory, separately pretrained
-towers, or a tiny random model; optionally pretrained on the training split first."""
+towers, or a tiny random model; optionally set to another image size, and pretrained on the training split."""
 
 import argparse
 from pathlib import Path
@@ -20,6 +20,7 @@ def main(argv=None):
     parser.add_argument("--pretrain", type=json_arg, help="JSON: the model entry's pretrain settings")
     parser.add_argument("--train-split", type=Path, help="serialized training split to pretrain on")
     parser.add_argument("--regions", type=Path, help="region store of the training split (region families)")
+    parser.add_argument("--image-size", type=int, help="pixels of the square images the model is set to read")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if not isinstance(args.init, (str, dict)):
@@ -30,7 +31,7 @@ def main(argv=None):
         parser.error("--train-split and --regions are the pretraining data: give --pretrain with them")
     vocab_texts = vocab_texts_from_split(args.vocab_split) if args.vocab_split else None
     prepare_initial_model(args.family, args.init, args.out, vocab_texts=vocab_texts, pretrain=args.pretrain,
-                          train_data=args.train_split, regions=args.regions)
+                          train_data=args.train_split, regions=args.regions, image_size=args.image_size)
 
 
 if __name__ == "__main__":

@@ -352,6 +352,14 @@ class ModelFamily:
         """Side length in pixels of the square images the model's vision tower expects."""
         raise NotImplementedError
 
+    def with_image_size(self, model: Any, image_size: int) -> Any:
+        """``model`` reading square images of ``image_size`` pixels (a model entry's ``image_size``,
+        e.g. fine-tuning at a higher resolution than pretraining). Families whose vision tower cannot
+        change resolution refuse."""
+        raise ConfigError(
+            f"{self.name} cannot change the image resolution of its model: remove 'image_size' from its model entry"
+        )
+
     def image_transform(self, model_or_size: Any, *, train: bool, hflip: bool = True) -> ImageTransform:
         """Preprocessing for training (augmented) or evaluation (deterministic) images."""
         size = model_or_size if isinstance(model_or_size, int) else self.image_size(model_or_size)

@@ -958,6 +958,25 @@ def tiny_config(vocab_size: int, pad_token_id: int, **overrides: Any) -> BridgeT
 TOKENIZER_CLASSES = {"BertTokenizer": BertTokenizer, "RobertaBPETokenizer": RobertaBPETokenizer}
 
 
+#: The ViT's learned position table: the class token's row, then the patch grid row by row.
+POSITION_TABLE = "vision.pos_embed.weight"
+
+
+def resample_position_table(table: np.ndarray, grid: int) -> np.ndarray:
+    """A ViT position table ``[1 + g*g, width]`` for a ``grid`` x ``grid`` patch grid: the class
+    row unchanged, the patch grid resampled bicubically (corners not aligned), as the authors'
+    ``adapt_position_encoding`` does when loading pretrained weights at a new resolution."""
+    rows, width = table.shape
+    side = math.isqrt(rows - 1)
+    if side * side != rows - 1:
+        raise ConfigError(f"position table of {rows} rows is not a class row plus a square patch grid")
+    patches = paddle.to_tensor(np.ascontiguousarray(table[1:], dtype=np.float32))
+    patches = patches.reshape([1, side, side, width]).transpose([0, 3, 1, 2])
+    patches = F.interpolate(patches, size=[grid, grid], mode="bicubic", align_corners=False)
+    patches = patches.transpose([0, 2, 3, 1]).reshape([grid * grid, width]).numpy()
+    return np.concatenate([table[:1], patches.astype(table.dtype)], axis=0)
+
+
 class BridgeTowerFamily(ModelFamily):
     """Loading, saving, tokenization and preprocessing of BridgeTower cross encoders."""
 
@@ -1033,6 +1052,24 @@ class BridgeTowerFamily(ModelFamily):
 
     def image_size(self, model: Any) -> int:
         return int(model.config.vision_config.image_size)
+
+    def with_image_size(self, model: Any, image_size: int) -> "BridgeTowerForRetrieval":
+        """A copy of ``model`` for ``image_size`` px images, its ViT position table resampled
+        (:func:`resample_position_table`), as the authors fine-tune at 384 px from 288 px weights."""
+        vision = model.config.vision_config
+        patch = int(vision.patch_size)
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < patch or image_size % patch:
+            raise ConfigError(f"image_size must be a positive multiple of the patch size {patch}, got {image_size!r}")
+        if image_size == int(vision.image_size):
+            return model
+        values = model.config.to_dict()
+        values["vision_config"]["image_size"] = image_size
+        state = {name: tensor.numpy() for name, tensor in model.state_dict().items()}
+        state[POSITION_TABLE] = resample_position_table(state[POSITION_TABLE], image_size // patch)
+        resized = BridgeTowerForRetrieval(BridgeTowerConfig(**values))
+        resized.set_state_dict({name: paddle.to_tensor(value) for name, value in state.items()})
+        resized.eval()
+        return resized
 
     def image_transform(self, model_or_size: Any, *, train: bool, hflip: bool = True) -> ImageTransform:
         size = model_or_size if isinstance(model_or_size, int) else self.image_size(model_or_size)

@@ -71,6 +71,10 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 DEFAULT_HPARAMS: dict[str, Any] = {
     "learning_rate": 5e-5,
     "warmup_steps": 100,
+    # A fraction of all steps, as BridgeTower's recipes give it (0.05 on Flickr30k). As in
+    # paddlenlp, warmup_steps > 0 takes precedence: a model entry with a ratio sets warmup_steps: 0,
+    # and a pair override that sets warmup_steps again replaces the ratio.
+    "warmup_ratio": 0.0,
     "per_device_train_batch_size": 128,
     "num_train_epochs": 5,
     "max_steps": -1,  # > 0 overrides num_train_epochs
@@ -129,6 +133,9 @@ def resolve_hparams(overrides: Mapping[str, Any] | None = None) -> dict[str, Any
     for key in ("learning_rate", "num_train_epochs"):
         if not isinstance(hparams[key], (int, float)) or hparams[key] <= 0:
             raise ConfigError(f"hyperparameter {key} must be a positive number, got {hparams[key]!r}")
+    ratio = hparams["warmup_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ConfigError(f"hyperparameter warmup_ratio must be a number in [0, 1), got {ratio!r}")
     for key in ("weight_decay", "max_grad_norm"):
         if not isinstance(hparams[key], (int, float)) or hparams[key] < 0:
             raise ConfigError(f"hyperparameter {key} must be a non-negative number, got {hparams[key]!r}")
@@ -541,6 +548,42 @@ def vocab_texts_from_split(split_dir: str | os.PathLike) -> list[str]:
     return texts
 
 
+def training_arguments(
+    hparams: Mapping[str, Any], output_dir: str | os.PathLike, *, device: str, recompute: bool, disable_tqdm: bool = True
+):
+    """paddlenlp ``TrainingArguments`` of a fine-tuning run from resolved hyperparameters."""
+    from paddlenlp.trainer import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        device=device,
+        do_train=True,
+        do_eval=False,
+        per_device_train_batch_size=hparams["per_device_train_batch_size"],
+        learning_rate=hparams["learning_rate"],
+        warmup_steps=hparams["warmup_steps"],
+        warmup_ratio=hparams["warmup_ratio"],
+        num_train_epochs=hparams["num_train_epochs"],
+        max_steps=hparams["max_steps"],
+        weight_decay=hparams["weight_decay"],
+        lr_scheduler_type=hparams["lr_scheduler_type"],
+        max_grad_norm=hparams["max_grad_norm"],
+        recompute=recompute,
+        seed=hparams["seed"],
+        logging_strategy="steps",
+        logging_steps=hparams["logging_steps"],
+        save_strategy="steps",
+        save_steps=hparams["save_steps"],
+        save_total_limit=hparams["save_total_limit"] or None,
+        dataloader_num_workers=hparams["dataloader_num_workers"],
+        # Cross-batch negatives need the same local batch size on every rank.
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        report_to=["none"],
+        disable_tqdm=disable_tqdm,
+    )
+
+
 def prepare_initial_model(
     family_name: str,
     init: str | Mapping[str, str],
@@ -553,6 +596,7 @@ def prepare_initial_model(
     pretrain: Mapping[str, Any] | None = None,
     train_data: str | os.PathLike | None = None,
     regions: str | os.PathLike | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """Write the starting model directory of a fine-tuning run, atomically.
 
@@ -561,6 +605,10 @@ def prepare_initial_model(
     directory (``{"vision": ..., "text": ...}``) for families assembled from separately pretrained
     towers (``family.load_towers``; new weights such as projections come from ``seed``). The result
     reloads offline with ``family.load_model(out_dir)`` / ``family.load_tokenizer(out_dir)``.
+
+    With ``image_size`` the model is first set to read images of that size (``family.with_image_size``:
+    BridgeTower resamples its position table, as its authors fine-tune at 384 px from 288 px weights);
+    the info file records both sizes.
 
     With ``pretrain`` (a model entry's ``pretrain`` settings) the model is then pretrained on
     ``train_data`` (and its ``regions``) with the family's pretraining objective before it is saved
@@ -600,6 +648,10 @@ def prepare_initial_model(
             info = {"init": os.fspath(init)}
         else:
             raise ConfigError(f"init must be 'tiny', a pretrained name, a directory or a mapping of towers, got {init!r}")
+        if image_size is not None:
+            before = family.image_size(model)
+            model = family.with_image_size(model, image_size)
+            info["image_resize"] = {"from": before, "to": family.image_size(model)}
         if pretrain is not None:
             if train_data is None:
                 raise ConfigError(f"pretraining {family_name} needs the training split (train_data)")
@@ -696,8 +748,6 @@ def finetune(
     """
     import paddle
     import paddle.distributed as dist
-    from paddlenlp.trainer import TrainingArguments
-
     from ..models.base import read_model_info
     from ..models.registry import get_family
     from .losses import distributed_world
@@ -714,31 +764,8 @@ def finetune(
     max_len = hparams["train_max_len"] or family.train_max_len
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
-        device=device,
-        do_train=True,
-        do_eval=False,
-        per_device_train_batch_size=hparams["per_device_train_batch_size"],
-        learning_rate=hparams["learning_rate"],
-        warmup_steps=hparams["warmup_steps"],
-        num_train_epochs=hparams["num_train_epochs"],
-        max_steps=hparams["max_steps"],
-        weight_decay=hparams["weight_decay"],
-        lr_scheduler_type=hparams["lr_scheduler_type"],
-        max_grad_norm=hparams["max_grad_norm"],
-        recompute=recompute,
-        seed=hparams["seed"],
-        logging_strategy="steps",
-        logging_steps=hparams["logging_steps"],
-        save_strategy="steps",
-        save_steps=hparams["save_steps"],
-        save_total_limit=hparams["save_total_limit"] or None,
-        dataloader_num_workers=hparams["dataloader_num_workers"],
-        # Cross-batch negatives need the same local batch size on every rank.
-        dataloader_drop_last=True,
-        remove_unused_columns=False,
-        report_to=["none"],
+    training_args = training_arguments(
+        hparams, output_dir, device=device, recompute=recompute,
         disable_tqdm=disable_tqdm if disable_tqdm is not None else not sys.stderr.isatty(),
     )
     rank, world = distributed_world()
