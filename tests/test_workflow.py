@@ -258,11 +258,12 @@ def test_cross_encoders_run_end_to_end_with_their_protocols(workflow):
     entry["generator"].update(caption_language="en", regions=True)
     entry["regions"] = {"features": "{split}_features.tsv", "predictions": "{split}_predictions.tsv"}
     recipe = {"learning_rate": 5.0e-4, "warmup_steps": 5, "per_device_train_batch_size": 16, "num_train_epochs": 2,
-              "weight_decay": 0.01, "hflip": False, "recompute": False, "save_steps": 1000, "train_max_len": 48}
+              "weight_decay": 0.01, "hflip": False, "recompute": False, "save_steps": 1000, "train_max_len": 48,
+              "crop_scale": None, "randaugment": None}
     workflow.write_config(
         {"grid": {"datasets": [name], "models": ["vinvl"], "pairs": [f"{name}/bridgetower"]},
          "pair_overrides": {name: {
-             "*": {"init": "tiny", "train": recipe},
+             "*": {"init": "tiny", "image_size": None, "train": recipe},
              "vinvl": {"pretrain": {"steps": 8, "batch_size": 16, "max_len": 48},
                        "eval": {"max_len": 48, "protocol": "exhaustive"}},
              "bridgetower": {"eval": {"candidates": {"head": "itc", "k": 12}}},

@@ -16,6 +16,7 @@ transforms stay cheap to import (DataLoader workers, workflow scripts).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -73,6 +74,8 @@ class ImageTransform:
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # A RandAugment (vlretrieval.models.randaugment), applied after the flip in training.
+    randaugment: Any = None
 
     def __post_init__(self):
         if self.image_size <= 0:
@@ -116,6 +119,8 @@ class ImageTransform:
             image = image.resize(size, Image.BICUBIC, box=box)
             if self.hflip and rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            if self.randaugment is not None:
+                image = self.randaugment(image, rng)
         else:
             image = image.resize(size, Image.BICUBIC)
         array = np.asarray(image, dtype=np.float32) / 255.0
@@ -322,10 +327,21 @@ class ModelFamily:
 
         return PairDataset(
             train_data,
-            self.image_transform(model, train=True, hflip=hparams["hflip"]),
+            self.training_transform(model, hparams),
             FamilyTokenizer(self.name, tokenizer),
             max_len=max_len,
         )
+
+    def training_transform(self, model: Any, hparams: Mapping[str, Any]) -> ImageTransform:
+        """The family's training transform with the run's augmentation: ``hflip``, ``crop_scale``
+        (null keeps the family's) and ``randaugment``."""
+        from .randaugment import randaugment_from
+
+        transform = self.image_transform(model, train=True, hflip=hparams["hflip"])
+        changes: dict[str, Any] = {"randaugment": randaugment_from(hparams.get("randaugment"))}
+        if hparams.get("crop_scale") is not None:
+            changes["crop_scale"] = tuple(float(x) for x in hparams["crop_scale"])
+        return dataclasses.replace(transform, **changes)
 
     def training_collator(self, tokenizer: Any, model: Any, *, max_len: int) -> Any:
         """Turns a list of :meth:`training_dataset` items into the keyword inputs of ``model.forward``

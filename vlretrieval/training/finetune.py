@@ -84,6 +84,10 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "recompute": True,  # applied only when the family supports it
     "train_max_len": None,  # None: the family's default (32 for ERNIE-ViL)
     "hflip": True,  # reference augmentation; turn off for captions that say left/right (the demo)
+    # Area range of the random resized crop; null keeps the family's (0.9 to 1, ERNIE-ViL 2.0's).
+    "crop_scale": None,
+    # {num_ops, magnitude[, bins]}: torchvision's RandAugment after the flip (BridgeTower: 2 ops at 7).
+    "randaugment": None,
     # The reference gathers without gradient, which makes the multi-rank gradient only an
     # approximation of the global-batch one (and a from-scratch run stalls); with it the two are equal.
     "gather_with_grad": True,
@@ -136,6 +140,16 @@ def resolve_hparams(overrides: Mapping[str, Any] | None = None) -> dict[str, Any
     ratio = hparams["warmup_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ConfigError(f"hyperparameter warmup_ratio must be a number in [0, 1), got {ratio!r}")
+    crop = hparams["crop_scale"]
+    if crop is not None and not (
+        isinstance(crop, (list, tuple)) and len(crop) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in crop)
+        and 0 < crop[0] <= crop[1] <= 1
+    ):
+        raise ConfigError(f"hyperparameter crop_scale must be null or [low, high] with 0 < low <= high <= 1, got {crop!r}")
+    from ..models.randaugment import randaugment_from
+
+    randaugment_from(hparams["randaugment"])
     for key in ("weight_decay", "max_grad_norm"):
         if not isinstance(hparams[key], (int, float)) or hparams[key] < 0:
             raise ConfigError(f"hyperparameter {key} must be a non-negative number, got {hparams[key]!r}")
