@@ -34,6 +34,7 @@ from vlretrieval.training.finetune import (
     TRAIN_LOG,
     FinetuneError,
     find_resumable_checkpoint,
+    finetune,
     is_complete_checkpoint,
     launch_command,
     launch_env,
@@ -251,6 +252,26 @@ def test_two_rank_finetune_logs_loss_and_schedule(demo):
         np.testing.assert_array_equal(value.numpy(), last.state_dict()[name].numpy(), err_msg=name)
     assert not np.array_equal(tuned.temperature.numpy(), initial.temperature.numpy())
     assert not list(final.parent.glob(".final_a.*"))
+
+
+def test_gradient_accumulation_steps_over_several_micro_batches(demo, tmp_path):
+    """2 ranks x 4 pairs x 2 micro-batches: each optimizer step consumes 16 of the 200 pairs."""
+    work, final = demo["root"] / "work_acc", demo["root"] / "final_acc"
+    info = _run(demo, work, final, max_steps=2, save_steps=2, per_device_train_batch_size=4,
+                gradient_accumulation_steps=2)
+    assert info["global_step"] == 2
+    records = read_train_log(work / TRAIN_LOG)
+    assert records[0]["global_batch_size"] == 16 and records[0]["gradient_accumulation_steps"] == 2
+    assert records[0]["train_pairs"] == 200
+    steps = _train_records(records)
+    assert [r["step"] for r in steps] == [1, 2]
+    assert [r["epoch"] for r in steps] == pytest.approx([16 / 200, 32 / 200], abs=1e-4)
+    assert all(math.isfinite(r["loss"]) for r in steps)
+
+    with pytest.raises(ConfigError, match="cannot fill one global batch of 240"):
+        finetune(demo["model_dir"], demo["split"], tmp_path / "work", tmp_path / "final", device="cpu",
+                 hparams={**BASE_HPARAMS, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 30})
+    assert not (tmp_path / "final").exists()
 
 
 def _rank_processes(marker: str) -> list[int]:

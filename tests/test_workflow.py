@@ -259,7 +259,7 @@ def test_cross_encoders_run_end_to_end_with_their_protocols(workflow):
     entry["regions"] = {"features": "{split}_features.tsv", "predictions": "{split}_predictions.tsv"}
     recipe = {"learning_rate": 5.0e-4, "warmup_steps": 5, "per_device_train_batch_size": 16, "num_train_epochs": 2,
               "weight_decay": 0.01, "hflip": False, "recompute": False, "save_steps": 1000, "train_max_len": 48,
-              "crop_scale": None, "randaugment": None}
+              "crop_scale": None, "randaugment": None, "gradient_accumulation_steps": 1}
     workflow.write_config(
         {"grid": {"datasets": [name], "models": ["vinvl"], "pairs": [f"{name}/bridgetower"]},
          "pair_overrides": {name: {
