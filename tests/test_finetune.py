@@ -197,15 +197,27 @@ def test_hparams_are_validated():
 
 
 def test_warmup_ratio_sets_the_schedules_warmup(tmp_path):
-    """The ratio reaches paddlenlp's scheduler: 10% of 40 steps warm up, and warmup_steps > 0 wins."""
+    """The Trainer's scheduler warms up over int(ratio x steps) steps (19 of 390 at 0.05, as the
+    authors' int(max_steps * warmup_steps)); warmup_steps > 0 wins over a ratio."""
+    from types import SimpleNamespace
 
-    def warmup(overrides):
-        args = training_arguments(resolve_hparams(overrides), tmp_path, device="cpu", recompute=False)
-        return args.get_warmup_steps(40)
+    from paddlenlp.trainer import Trainer
 
-    assert warmup({"warmup_steps": 0, "warmup_ratio": 0.1}) == 4
-    assert warmup({"warmup_steps": 7, "warmup_ratio": 0.1}) == 7
-    assert warmup({"warmup_steps": 0}) == 0
+    def schedule(overrides, steps=390):
+        args = training_arguments(resolve_hparams({"learning_rate": 1.0, "lr_scheduler_type": "linear", **overrides}),
+                                  tmp_path, device="cpu", recompute=False)
+        scheduler = Trainer.create_scheduler(SimpleNamespace(args=args, lr_scheduler=None), steps)
+        rates = []
+        for _ in range(steps):
+            rates.append(scheduler.get_lr())
+            scheduler.step()
+        return rates
+
+    ratio = schedule({"warmup_steps": 0, "warmup_ratio": 0.05})
+    assert ratio[18] == pytest.approx(18 / 19) and ratio[19] == pytest.approx(1.0) and ratio[20] < 1.0
+    fixed = schedule({"warmup_steps": 7, "warmup_ratio": 0.05})
+    assert fixed[6] == pytest.approx(6 / 7) and fixed[7] == pytest.approx(1.0)
+    assert schedule({"warmup_steps": 0})[0] == pytest.approx(1.0)
 
 
 def test_launch_command_forms(tmp_path):

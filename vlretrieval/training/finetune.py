@@ -90,7 +90,7 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "hflip": True,  # reference augmentation; turn off for captions that say left/right (the demo)
     # Area range of the random resized crop; null keeps the family's (0.9 to 1, ERNIE-ViL 2.0's).
     "crop_scale": None,
-    # {num_ops, magnitude[, bins]}: torchvision's RandAugment after the flip (BridgeTower: 2 ops at 7).
+    # {num_ops, magnitude}: BridgeTower's (ViLT's) RandAugment after the flip (its recipe: 2 at 7 of 30).
     "randaugment": None,
     # The reference gathers without gradient, which makes the multi-rank gradient only an
     # approximation of the global-batch one (and a from-scratch run stalls); with it the two are equal.
