@@ -65,7 +65,9 @@ def test_itc_counts_every_pair_of_an_image_as_positive(vocab_file):
     # targets would give the same loss and the comparison below would prove nothing.
     output = model(**_batch(tokenizer, image_ids, share_pixels=False))
     assert isinstance(output, BridgeTowerTrainingOutput)
-    itc, itm = model.training_loss_parts(output)
+    parts = model.training_loss_parts(output)
+    itc, itm = parts["itc"], parts["itm"]
+    assert float(model.training_loss(output)) == pytest.approx(float(itc) + float(itm), rel=1e-6)
 
     t, i = output.text_features.numpy(), output.image_features.numpy()
     scale = float(output.logit_scale.numpy().reshape([]))

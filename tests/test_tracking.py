@@ -65,8 +65,10 @@ def loss_at(step: int) -> float:
 
 
 def train_record(step: int) -> dict:
+    # A loss of two parts, as BridgeTower logs it.
     return {"event": "train", "step": step, "epoch": step / 10, "loss": loss_at(step), "lr": 1e-5 * step,
-            "samples_per_second": 100.0 + step, "logit_scale": 14.0 + step / 100, "time": 1795647157.0 + step}
+            "samples_per_second": 100.0 + step, "logit_scale": 14.0 + step / 100, "time": 1795647157.0 + step,
+            "loss_parts": {"itc": 0.75 * loss_at(step), "itm": 0.25 * loss_at(step)}}
 
 
 def write_train_log(path: Path, steps: range, *, end: bool = True, mode: str = "w") -> None:
@@ -206,6 +208,9 @@ def test_sqlite_tracking_is_complete_and_idempotent(tmp_path):
     assert {m.step: m.timestamp for m in loss}[3] == int((1795647157.0 + 3) * 1000)
     lr = client.get_metric_history(finetune_id, "learning_rate")
     assert sorted((m.step, m.value) for m in lr) == [(s, 1e-5 * s) for s in range(1, STEPS + 1)]
+    for part, share in (("itc", 0.75), ("itm", 0.25)):
+        history = client.get_metric_history(finetune_id, f"train_loss_{part}")
+        assert sorted((m.step, m.value) for m in history) == [(s, share * loss_at(s)) for s in range(1, STEPS + 1)]
     summary = client.get_run(finetune_id).data.metrics
     assert summary["train_samples_per_second"] == 153.6
     assert summary["mean_samples_per_second"] == pytest.approx(sum(100.0 + s for s in range(1, STEPS + 1)) / STEPS)
@@ -235,6 +240,7 @@ def test_sqlite_tracking_is_complete_and_idempotent(tmp_path):
     third = track_pair(tracking_uri=uri, config_hash="cfg1", **pair)
     assert third == first
     assert sorted(m.step for m in client.get_metric_history(finetune_id, "train_loss")) == list(range(1, STEPS + 6))
+    assert sorted(m.step for m in client.get_metric_history(finetune_id, "train_loss_itm")) == list(range(1, STEPS + 6))
     r1 = client.get_metric_history(first["runs"]["finetuned"], "t2i_r1")
     assert sorted(m.value for m in r1) == [22.8, 23.4]
     assert client.get_run(first["runs"]["finetuned"]).data.metrics["t2i_r1"] == 23.4
@@ -253,6 +259,15 @@ def test_bad_inputs_fail_before_the_store_is_touched(tmp_path):
     (pair["results_dir"] / "finetuned" / "i2t_predictions.jsonl").unlink()
     uri = f"sqlite:///{tmp_path}/store/mlflow.db"
     with pytest.raises(DataError, match="finetuned"):
+        track_pair(tracking_uri=uri, config_hash="cfg1", **pair)
+    assert not (tmp_path / "store").exists()
+
+    pair = make_pair(tmp_path / "parts")
+    records = pair["train_log"].read_text(encoding="utf-8").splitlines()
+    bad = json.loads(records[3])
+    bad["loss_parts"] = {"itc": "high"}
+    pair["train_log"].write_text("\n".join(records[:3] + [json.dumps(bad)] + records[4:]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train_log.jsonl:4: loss_parts.itc must be a number"):
         track_pair(tracking_uri=uri, config_hash="cfg1", **pair)
     assert not (tmp_path / "store").exists()
 

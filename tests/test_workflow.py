@@ -296,6 +296,14 @@ def test_cross_encoders_run_end_to_end_with_their_protocols(workflow):
         losses = [row["loss"] for row in steps]
         assert len(losses) == 2 * (120 * 5 // 32) and all(loss == loss for loss in losses)
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+        if model == "bridgetower":
+            # Its loss is ITC + ITM, each averaged over the two ranks as the total is.
+            for row in steps:
+                assert set(row["loss_parts"]) == {"itc", "itm"}
+                assert row["loss_parts"]["itc"] + row["loss_parts"]["itm"] == pytest.approx(row["loss"], rel=1e-5)
+            assert 0.0 < steps[0]["loss_parts"]["itm"] < 1.0 < steps[0]["loss_parts"]["itc"]
+        else:
+            assert all("loss_parts" not in row for row in steps)
     summary = (workflow.workdir / "results" / "summary.csv").read_text(encoding="utf-8")
     assert f"{name},vinvl,finetuned" in summary and f"{name},bridgetower,finetuned" in summary
 

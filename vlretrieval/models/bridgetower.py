@@ -761,20 +761,21 @@ class BridgeTowerForRetrieval(BridgeTowerPretrainedModel, CrossEncoder):
 
     def training_loss_parts(
         self, output: "BridgeTowerTrainingOutput", *, gather_with_grad: bool = False, group=None
-    ) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """``(itc, itm)``: the multi-positive contrastive loss over the global batch and the ITM
-        cross-entropy over this rank's positives and hard negatives."""
+    ) -> dict[str, paddle.Tensor]:
+        """``{"itc", "itm"}``: the multi-positive contrastive loss over the global batch and the ITM
+        cross-entropy over this rank's positives and hard negatives. The training loss is their
+        sum; the fine-tuning log records each (``loss_parts``)."""
         itc = multi_positive_itc_loss(
             output.text_features, output.image_features, output.image_ids, output.logit_scale,
             gather_with_grad=gather_with_grad, group=group,
         )
         itm = F.cross_entropy(output.itm_logits, output.itm_labels.reshape([-1]), reduction="mean")
-        return itc, itm
+        return {"itc": itc, "itm": itm}
 
     def training_loss(self, output: "BridgeTowerTrainingOutput", *, gather_with_grad: bool = False, group=None):
         """ITC + ITM with equal weights, as BridgeTower's image-text retrieval fine-tuning."""
-        itc, itm = self.training_loss_parts(output, gather_with_grad=gather_with_grad, group=group)
-        return itc + itm
+        parts = self.training_loss_parts(output, gather_with_grad=gather_with_grad, group=group)
+        return parts["itc"] + parts["itm"]
 
     def frozen_parameter_names(self) -> set[str]:
         """Parameters the training objective never reads, kept out of the optimizer.

@@ -5,7 +5,8 @@ Layout of what :func:`track_pair` writes into an experiment::
     {dataset}/{model}                 stage=pair       params, metrics.json, validation report,
     │                                                  workflow files (benchmarks, logs)
     ├── {dataset}/{model}/finetune    stage=finetune   params, train_loss / learning_rate /
-    │                                                  logit_scale per step, throughput, train_log.jsonl
+    │                                                  logit_scale per step (and train_loss_<part>
+    │                                                  for a loss of parts), throughput, train_log.jsonl
     ├── {dataset}/{model}/zeroshot    stage=zeroshot   params, recall metrics, metrics.json, predictions
     └── {dataset}/{model}/finetuned   stage=finetuned  (same as zeroshot)
 
@@ -263,6 +264,11 @@ def read_training(train_log: Path) -> TrainingRecord:
                     raise DataError(line_where, "train record has no loss", record=f"step={step}")
                 continue
             point[name] = (_number(value, line_where, source), millis if millis is not None else 0)
+        parts = obj.get("loss_parts", {})
+        if not isinstance(parts, dict):
+            raise DataError(line_where, f"loss_parts must map a part to its loss, found {parts!r}", record=f"step={step}")
+        for part, value in parts.items():
+            point[f"train_loss_{part}"] = (_number(value, line_where, f"loss_parts.{part}"), millis if millis is not None else 0)
         if step in record.steps:
             duplicates += 1
         record.steps[step] = point
@@ -572,7 +578,8 @@ class _PairTracker:
         from mlflow.entities import Metric
 
         run_id = run.info.run_id
-        names = [name for name, _ in _STEP_METRICS if any(name in point for point in training.steps.values())]
+        # The fixed curves, then any loss parts (train_loss_itc, ...) in the order the log names them.
+        names = list(dict.fromkeys(name for point in training.steps.values() for name in point))
         metrics = []
         for name in names:
             if name in run.data.metrics:

@@ -33,6 +33,8 @@ What a run leaves in the work dir (``--output-dir``):
   - ``train``, one per logging step: ``loss`` (mean over ranks of the local losses, which is the
     CLIP loss of the global batch), ``lr`` (the rate the optimizer applied in that step),
     ``logit_scale``, ``samples_per_second`` (global samples over the logging interval), ``epoch``;
+    for families whose loss is a sum of parts (BridgeTower: ``itc`` + ``itm``), ``loss_parts``,
+    each averaged the same way;
   - ``end``: ``train_runtime``, ``train_samples_per_second``, ``mean_loss`` over this run's steps.
 
 A rerun after a kill resumes from the newest complete checkpoint (model, optimizer, scheduler, data
@@ -44,8 +46,10 @@ directory + rename), loadable on its own through the model family.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import operator
 import os
 import re
 import shlex
@@ -65,6 +69,8 @@ from ..io import atomic_directory, atomic_open, atomic_path
 _log = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.jsonl"
+#: Keys of the Trainer's logs that carry a family's loss parts (``training_loss_parts``).
+LOSS_PART_PREFIX = "loss_part_"
 CHECKPOINT_MARKER = "vlretrieval_checkpoint.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -389,6 +395,10 @@ def make_callbacks(train_log: Path, *, model_dir: Path, resumed_from: Path | Non
                 if model is not None and hasattr(model, "logit_scale"):
                     with paddle.no_grad():
                         record["logit_scale"] = float(model.logit_scale().reshape([-1])[0])
+                parts = {key[len(LOSS_PART_PREFIX):]: float(value) for key, value in logs.items()
+                         if key.startswith(LOSS_PART_PREFIX)}
+                if parts:
+                    record["loss_parts"] = parts
                 self._losses.append(record["loss"])
                 self._write(record)
             elif "train_runtime" in logs:
@@ -452,12 +462,42 @@ def _trainer_class():
             super().__init__(*args, **kwargs)
             self.gather_with_grad = gather_with_grad
             self.lr_multipliers = dict(lr_multipliers or {})
+            # Loss parts of the micro-batches since the last log, and their means over ranks then.
+            self._part_sums: dict[str, float] = {}
+            self._part_batches = 0
+            self._logged_parts: dict[str, float] | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False):
             output = model(**inputs)
             # The family's own loss (self.model is the unwrapped model; `model` may be DataParallel).
-            loss = self.model.training_loss(output, gather_with_grad=self.gather_with_grad)
+            parts_of = getattr(self.model, "training_loss_parts", None)
+            if parts_of is None:
+                loss = self.model.training_loss(output, gather_with_grad=self.gather_with_grad)
+            else:
+                # A loss made of parts is their sum (the family's training_loss), computed once.
+                parts = parts_of(output, gather_with_grad=self.gather_with_grad)
+                loss = functools.reduce(operator.add, parts.values())
+                for name, value in parts.items():
+                    self._part_sums[name] = self._part_sums.get(name, 0.0) + float(value)
+                self._part_batches += 1
             return (loss, output) if return_outputs else loss
+
+        def _maybe_log_save_evaluate(self, tr_loss, model, epoch, ignore_keys_for_eval, **kwargs):
+            # Every rank logs at the same steps (the Trainer gathers its loss here too), so the parts
+            # are averaged over ranks the same way, before the Trainer writes its logs.
+            if self.control.should_log and self._part_batches:
+                names = sorted(self._part_sums)
+                local = paddle.to_tensor([self._part_sums[name] / self._part_batches for name in names], dtype="float32")
+                means = self._nested_gather(local).reshape([-1, len(names)]).mean(axis=0).numpy()
+                self._logged_parts = {name: round(float(value), 8) for name, value in zip(names, means)}
+                self._part_sums, self._part_batches = {}, 0
+            return super()._maybe_log_save_evaluate(tr_loss, model, epoch, ignore_keys_for_eval, **kwargs)
+
+        def log(self, logs, **kwargs):
+            if "loss" in logs and self._logged_parts is not None:
+                logs = {**logs, **{f"{LOSS_PART_PREFIX}{name}": value for name, value in self._logged_parts.items()}}
+                self._logged_parts = None
+            return super().log(logs, **kwargs)
 
         def create_optimizer(self, lr_scheduler=None):
             if self.optimizer is None:
