@@ -22,12 +22,12 @@ from vlretrieval.data.url_corpus import (
     DROPPED_NAME,
     REPORT_NAME,
     ImageDownloader,
-    _name_key,
     assign_splits,
     build_url_corpus,
     judge_image,
     read_csv_rows,
 )
+from vlretrieval.data.url_corpus.images import _name_key
 from vlretrieval.errors import ConfigError, DataError
 
 from .conftest import REPO, make_image
