@@ -15,21 +15,16 @@ from paddlenlp.transformers import BertConfig, BertModel, BertTokenizer, CLIPCon
 from vlretrieval.data.demo import DemoSpec, write_demo_archive
 from vlretrieval.data.lmdb_store import serialize_split
 from vlretrieval.errors import ConfigError, DownloadError
-from vlretrieval.models.base import DUAL_ENCODER, MODEL_INFO_FILE, read_model_info
-from vlretrieval.models.bert_clip import CLIP_MEAN, CLIP_STD, LOGIT_SCALE_INIT, save_text_tower
-from vlretrieval.models.registry import get_family, list_families
+from vlretrieval.models.base import MODEL_INFO_FILE, read_model_info
+from vlretrieval.models.base import CLIP_MEAN, CLIP_STD
+from vlretrieval.models.bert_clip import LOGIT_SCALE_INIT, save_text_tower
+from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
+from vlretrieval.models.registry import DUAL_ENCODER, get_family, list_families
 from vlretrieval.models.vocab import build_vocab_file
-from vlretrieval.training.finetune import (
-    TRAIN_LOG,
-    FinetuneError,
-    apply_freezing,
-    launch_finetune,
-    prepare_initial_model,
-    read_train_log,
-    resolve_hparams,
-    trainable_parameters,
-    vocab_texts_from_split,
-)
+from vlretrieval.training.checkpoints import TRAIN_LOG, read_train_log
+from vlretrieval.training.hparams import resolve_hparams
+from vlretrieval.training.launcher import FinetuneError, launch_finetune
+from vlretrieval.training.trainer import apply_freezing, trainable_parameters
 
 paddle.set_device("cpu")
 

@@ -10,9 +10,9 @@ import paddle
 import pytest
 
 from vlretrieval.errors import ConfigError
-from vlretrieval.models.base import CROSS_ENCODER, read_model_info
+from vlretrieval.models.base import CLIP_MEAN, read_model_info
+from vlretrieval.models.registry import CROSS_ENCODER
 from vlretrieval.models.bridgetower import (
-    CLIP_MEAN,
     FAMILY,
     ITC_DIM,
     BridgeTowerForRetrieval,
@@ -23,8 +23,8 @@ from vlretrieval.models.bridgetower import (
     convert_state_dict,
     main,
 )
+from vlretrieval.models.prepare import prepare_initial_model
 from vlretrieval.models.vocab import build_vocab_file
-from vlretrieval.training.finetune import prepare_initial_model
 
 paddle.set_device("cpu")
 

@@ -20,7 +20,8 @@ from vlretrieval.models.bridgetower import (
 )
 from vlretrieval.models.vocab import build_vocab_file
 from vlretrieval.errors import ConfigError
-from vlretrieval.training.finetune import apply_freezing, apply_learning_rate_multipliers, trainable_parameters
+from vlretrieval.retrieval.rerank import itc_candidate_positions
+from vlretrieval.training.trainer import apply_freezing, apply_learning_rate_multipliers, trainable_parameters
 
 paddle.set_device("cpu")
 
@@ -265,7 +266,7 @@ def test_pair_scorer_matches_the_model(saved, cache_bytes):
         t = model.itc_text_features(model.encode_texts_unimodal(input_ids, mask)).numpy()
         i = model.itc_image_features(model.encode_images_unimodal(paddle.to_tensor(pixels))).numpy()
     similarity = t @ i.T
-    t2i, i2t = scorer.itc_candidates(3)
+    t2i, i2t = itc_candidate_positions(scorer, 3)
     np.testing.assert_array_equal(t2i, np.argsort(-similarity, axis=1, kind="stable")[:, :3])
     np.testing.assert_array_equal(i2t, np.argsort(-similarity.T, axis=1, kind="stable")[:, :3])
     scorer.close()

@@ -80,17 +80,14 @@ from PIL import Image  # noqa: E402
 
 from vlretrieval.errors import ConfigError, DownloadError  # noqa: E402
 from vlretrieval.models import base  # noqa: E402
-from vlretrieval.models.base import DUAL_ENCODER, MODEL_INFO_FILE, ImageTransform, read_model_info  # noqa: E402
-from vlretrieval.models.chinese_clip import (  # noqa: E402
-    CLIP_MEAN,
-    CLIP_STD,
-    PRETRAINED_NAMES,
-    ChineseCLIPDualEncoder,
-)
+from vlretrieval.models.base import CLIP_MEAN, CLIP_STD, MODEL_INFO_FILE, ImageTransform, read_model_info  # noqa: E402
+from vlretrieval.models.registry import CROSS_ENCODER, DUAL_ENCODER  # noqa: E402
+from vlretrieval.models.chinese_clip import PRETRAINED_NAMES, ChineseCLIPDualEncoder  # noqa: E402
+from vlretrieval.models.prepare import prepare_initial_model  # noqa: E402
 from vlretrieval.models.registry import get_family, list_families  # noqa: E402
 from vlretrieval.models.vocab import read_vocab  # noqa: E402
-from vlretrieval.training.finetune import launch_env, prepare_initial_model  # noqa: E402
-from vlretrieval.training.losses import clip_contrastive_loss  # noqa: E402
+from vlretrieval.training.launcher import launch_env  # noqa: E402
+from vlretrieval.models.losses import clip_contrastive_loss  # noqa: E402
 
 paddle.set_device("cpu")
 
@@ -138,7 +135,7 @@ def _features(model, pixels, ids, mask):
 
 def test_registered_as_a_dual_encoder(family):
     assert "chinese_clip" in list_families(kind=DUAL_ENCODER)
-    assert "chinese_clip" not in list_families(kind=base.CROSS_ENCODER)
+    assert "chinese_clip" not in list_families(kind=CROSS_ENCODER)
     assert family.kind == DUAL_ENCODER and family.name == "chinese_clip"
     assert family.default_pretrained == "OFA-Sys/chinese-clip-vit-base-patch16" in PRETRAINED_NAMES
     assert family.train_max_len == family.eval_max_len == 52
@@ -265,11 +262,11 @@ def test_padding_is_masked_even_without_a_mask(loaded, family):
 
 def test_logit_scale_clamp_is_in_place(family, model_dir):
     model = family.load_model(model_dir)
-    parameter = model.log_logit_scale
+    parameter = model.log_temperature
     assert "logit_scale" in dict(model.named_parameters()) and dict(model.named_parameters())["logit_scale"] is parameter
     parameter.set_value(paddle.to_tensor([10.0]))
     model.clamp_logit_scale_()
-    assert model.log_logit_scale is parameter
+    assert model.log_temperature is parameter
     assert float(model.state_dict()["logit_scale"]) == pytest.approx(math.log(100.0), rel=1e-6)
     assert float(model.logit_scale()) == pytest.approx(100.0, rel=1e-5)
     parameter.set_value(paddle.to_tensor([-3.0]))
@@ -302,7 +299,7 @@ def test_gradients_reach_every_parameter(family, model_dir):
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     # Pooler-free text tower: nothing is left out of the graph (DataParallel would stall on it).
     assert missing == []
-    assert float(model.log_logit_scale.grad.abs().sum()) > 0
+    assert float(model.log_temperature.grad.abs().sum()) > 0
 
 
 def test_recompute_gives_the_same_loss_and_gradients(family, model_dir):

@@ -11,7 +11,7 @@ import pytest
 from vlretrieval.data.lmdb_store import SplitStore
 from vlretrieval.data.regions import FEATURE_DIM, RegionStore
 from vlretrieval.errors import ConfigError
-from vlretrieval.training.itm import RegionPairCollator, RegionPairDataset
+from vlretrieval.models.vinvl.data import RegionPairCollator, RegionPairDataset
 
 from .conftest import serialized_region_split
 

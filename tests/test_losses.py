@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from vlretrieval.training.losses import (
+from vlretrieval.models.losses import (
     clip_contrastive_loss,
     clip_loss_from_logits,
     distributed_world,

@@ -10,9 +10,9 @@ import pytest
 
 from vlretrieval.errors import ConfigError
 from vlretrieval.models.base import MODEL_INFO_FILE
+from vlretrieval.models.prepare import prepare_initial_model
 from vlretrieval.models.registry import get_family
-from vlretrieval.training.finetune import prepare_initial_model
-from vlretrieval.training.pretrain import IGNORE_INDEX, mask_tokens, masked_token_pretraining, resolve_pretrain_settings
+from vlretrieval.models.vinvl.pretraining import IGNORE_INDEX, mask_tokens, masked_token_pretraining, resolve_pretrain_settings
 
 from .conftest import serialized_region_split
 

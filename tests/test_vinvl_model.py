@@ -9,7 +9,8 @@ import paddle
 import pytest
 
 from vlretrieval.errors import ConfigError
-from vlretrieval.models.base import CROSS_ENCODER, MODEL_INFO_FILE, read_model_info
+from vlretrieval.models.base import MODEL_INFO_FILE, read_model_info
+from vlretrieval.models.registry import CROSS_ENCODER
 from vlretrieval.models.vinvl import (
     FAMILY,
     FAMILY_NAME,

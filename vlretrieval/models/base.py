@@ -1,17 +1,15 @@
-"""One interface for every model family, in two kinds.
+"""What every model family shares: image preprocessing, the :class:`ModelFamily` description and the
+directories it saves and loads.
 
-* :class:`DualEncoder` (kind ``"dual_encoder"``) embeds images and texts separately into one
-  L2-normalised space and trains with a contrastive loss; retrieval is a dot product.
-* :class:`CrossEncoder` (kind ``"cross_encoder"``) scores an (image, text) pair jointly and trains
-  with an image-text matching loss; retrieval re-ranks candidates from a dual encoder.
+A :class:`ModelFamily` describes one family (ERNIE-ViL, Chinese-CLIP, ...): its model and tokenizer
+classes, its ``tiny`` architecture, loading from a pretrained name or a local directory, saving so
+the directory reloads on its own, its tokenization and its image preprocessing. Its kind and extra
+inputs are stated once, in its line of :data:`vlretrieval.models.registry.BUILTIN_FAMILIES`; the
+model class implements the interface of that kind (:mod:`vlretrieval.models.modeling_utils`). The
+pipeline looks families up in the registry and only ever branches on ``family.kind``.
 
-A :class:`ModelFamily` describes one family (ERNIE-ViL, Chinese-CLIP, ...): how to build its ``tiny``
-architecture, load it from a pretrained name or a local directory, save it so the directory reloads
-on its own, its tokenizer and its image preprocessing. The pipeline looks families up in
-:mod:`vlretrieval.models.registry` and only ever branches on ``family.kind``.
-
-This module imports neither paddle nor paddlenlp at import time, so the registry and the image
-transforms stay cheap to import (DataLoader workers, workflow scripts).
+This module imports neither paddle nor paddlenlp at import time, so the image transforms stay cheap
+to import (DataLoader workers unpickle them).
 """
 
 from __future__ import annotations
@@ -29,20 +27,17 @@ import numpy as np
 
 from ..errors import ConfigError, DownloadError
 from ..io import atomic_directory, write_json
+from .registry import FamilySpec, family_spec, get_family
 
 if TYPE_CHECKING:  # pragma: no cover
     import paddle
     from PIL import Image
 
-DUAL_ENCODER = "dual_encoder"
-CROSS_ENCODER = "cross_encoder"
-KINDS = (DUAL_ENCODER, CROSS_ENCODER)
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# CLIP's bound on the logit scale: beyond 100 the softmax saturates and training becomes unstable.
-MAX_LOGIT_SCALE = 100.0
+# OpenAI CLIP's pixel statistics: a pretrained CLIP tower expects inputs normalised with these.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: Written into every model directory this package saves, so later stages know the family without
 #: being told (and without guessing from file names).
@@ -129,103 +124,6 @@ class ImageTransform:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model interfaces
-# --------------------------------------------------------------------------------------------------
-
-
-class DualEncoderOutput(NamedTuple):
-    """What a dual encoder's ``forward`` returns during training: local, un-gathered features.
-
-    ``logit_scale`` is part of the output (not read from the model afterwards) so that the
-    temperature is reachable from the outputs; ``paddle.DataParallel`` with
-    ``find_unused_parameters`` would otherwise treat it as unused and never all-reduce its gradient.
-    """
-
-    image_features: "paddle.Tensor"  # [n, d], L2-normalised
-    text_features: "paddle.Tensor"  # [n, d], L2-normalised
-    logit_scale: "paddle.Tensor"  # [1] or scalar, exp of the learnable log-temperature
-
-
-class DualEncoder:
-    """Mixin for paddle layers that embed images and texts separately (kind ``"dual_encoder"``).
-
-    Implementations provide :meth:`encode_images`, :meth:`encode_texts`, :meth:`logit_scale` and
-    :meth:`clamp_logit_scale_`, and make ``forward(pixel_values=..., input_ids=..., attention_mask=...)``
-    return :class:`DualEncoderOutput` *without* gathering across ranks: the loss gathers, once and
-    explicitly (:func:`vlretrieval.training.losses.clip_contrastive_loss`).
-
-    A plain mixin rather than an ``abc.ABC``: paddlenlp models have their own metaclass, and ABCMeta
-    cannot be combined with it.
-    """
-
-    kind: ClassVar[str] = DUAL_ENCODER
-
-    def encode_images(self, pixel_values: "paddle.Tensor") -> "paddle.Tensor":
-        """``[n, 3, H, W]`` normalised pixels -> ``[n, d]`` L2-normalised image embeddings."""
-        raise NotImplementedError
-
-    def encode_texts(
-        self, input_ids: "paddle.Tensor", attention_mask: "paddle.Tensor | None" = None, **kwargs: Any
-    ) -> "paddle.Tensor":
-        """``[n, L]`` token ids (+ mask) -> ``[n, d]`` L2-normalised text embeddings."""
-        raise NotImplementedError
-
-    def logit_scale(self) -> "paddle.Tensor":
-        """The multiplier of the cosine similarities, ``exp(log-temperature)``."""
-        raise NotImplementedError
-
-    def clamp_logit_scale_(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
-        """Clamp the learnable temperature in place so that ``1 <= logit_scale() <= max_scale``."""
-        raise NotImplementedError
-
-    def no_weight_decay_names(self) -> set[str]:
-        """Parameter names (as in ``named_parameters``) that weight decay must not touch."""
-        return set()
-
-    @property
-    def embedding_dim(self) -> int:
-        raise NotImplementedError
-
-    def contrastive_loss(self, output: DualEncoderOutput, *, gather_with_grad: bool = False, group=None):
-        """CLIP loss of this model's ``forward`` output, with cross-batch negatives across ranks."""
-        from ..training.losses import clip_contrastive_loss
-
-        return clip_contrastive_loss(
-            output.image_features,
-            output.text_features,
-            output.logit_scale,
-            gather_with_grad=gather_with_grad,
-            group=group,
-        )
-
-    def training_loss(self, output: DualEncoderOutput, *, gather_with_grad: bool = False, group=None):
-        """The loss the trainer minimises: the contrastive loss."""
-        return self.contrastive_loss(output, gather_with_grad=gather_with_grad, group=group)
-
-
-class CrossEncoder:
-    """Mixin for models that score (image, text) pairs jointly (kind ``"cross_encoder"``).
-
-    Families of this kind (VinVL/Oscar+, BridgeTower) implement :meth:`score_pairs` for re-ranking and
-    :meth:`itm_loss` for training on positives and sampled hard negatives.
-    """
-
-    kind: ClassVar[str] = CROSS_ENCODER
-
-    def score_pairs(self, **inputs: Any) -> "paddle.Tensor":
-        """Matching score ``[n]`` of ``n`` aligned (image, text) pairs; higher means a better match."""
-        raise NotImplementedError
-
-    def itm_loss(self, labels: "paddle.Tensor", **inputs: Any) -> "paddle.Tensor":
-        """Image-text matching loss of ``n`` pairs with binary ``labels`` (1 = matching pair)."""
-        raise NotImplementedError
-
-    def training_loss(self, output: Any, **kwargs: Any) -> "paddle.Tensor":
-        """The loss the trainer minimises, from what ``forward`` returned for a training batch."""
-        raise NotImplementedError
-
-
-# --------------------------------------------------------------------------------------------------
 # Family description
 # --------------------------------------------------------------------------------------------------
 
@@ -255,11 +153,20 @@ def read_model_info(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 @dataclass
 class ModelFamily:
-    """Description of one model family; subclasses implement the loading and saving hooks.
+    """Description of one model family.
+
+    A family subclass declares its classes; the default hooks build, load and save with them, so a
+    family overrides only :meth:`tiny_config` and :meth:`model_info` and what really differs.
+
+    Class attributes:
+        model_class: the paddle model; the interface it implements must be the registered kind.
+        tokenizer_class: the paddlenlp tokenizer.
+        image_processor_class: the paddlenlp image processor saved with the model (None: none).
+        image_mean / image_std: pixel normalisation of the transforms and the saved processor.
+        known_pretrained_names: names paddlenlp resolves, listed when a download fails.
 
     Attributes:
         name: registry key (``"ernie_vil"``), also the model name used in configs.
-        kind: :data:`DUAL_ENCODER` or :data:`CROSS_ENCODER`.
         default_pretrained: the pretrained name used when a config says only ``pretrained``.
         supports_recompute: whether activation recomputation can be switched on for training.
         train_max_len / eval_max_len: default text lengths (tokens, with specials) for training and
@@ -267,8 +174,14 @@ class ModelFamily:
         tiny: the default ``tiny`` architecture; ``build_tiny(**overrides)`` replaces entries.
     """
 
+    model_class: ClassVar[type]
+    tokenizer_class: ClassVar[type]
+    image_processor_class: ClassVar[type | None] = None
+    image_mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
+    image_std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
+    known_pretrained_names: ClassVar[tuple[str, ...]] = ()
+
     name: str
-    kind: str
     description: str = ""
     default_pretrained: str | None = None
     supports_recompute: bool = False
@@ -276,11 +189,33 @@ class ModelFamily:
     eval_max_len: int = 52
     tiny: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"family {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+    # -- what the registry states ---------------------------------------------------------------------
+
+    @property
+    def spec(self) -> FamilySpec:
+        return family_spec(self.name)
+
+    @property
+    def kind(self) -> str:
+        """``"dual_encoder"`` or ``"cross_encoder"``, as registered."""
+        return self.spec.kind
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """Serialized data besides the split's LMDB that training and evaluation read (``"regions"``)."""
+        return self.spec.extra_inputs
+
+    def implemented_kind(self) -> str:
+        """The kind whose interface :attr:`model_class` implements."""
+        from .modeling_utils import implemented_kind
+
+        return implemented_kind(self.model_class)
 
     # -- construction -------------------------------------------------------------------------------
+
+    def tiny_config(self, tokenizer: Any, **overrides: Any) -> Any:
+        """The model configuration of the ``tiny`` architecture (with ``overrides``) for ``tokenizer``."""
+        raise NotImplementedError
 
     def build_tiny(self, vocab_file: str | os.PathLike, *, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
         """A randomly initialised ``tiny`` model and its tokenizer over the WordPiece ``vocab_file``.
@@ -288,14 +223,20 @@ class ModelFamily:
         The same vocabulary, ``seed`` and ``overrides`` give bit-identical weights. ``vocab_file`` must
         still exist when the tokenizer is saved (see :mod:`vlretrieval.models.vocab` to build one).
         """
-        raise NotImplementedError
+        tokenizer = self.tokenizer_class(vocab_file=os.fspath(vocab_file), do_lower_case=True)
+        config = self.tiny_config(tokenizer, **overrides)
+        model = seeded_build(seed, lambda: self.model_class(config))
+        model.eval()
+        return model, tokenizer
 
     def load_model(self, source: str | os.PathLike) -> Any:
         """Load weights from a pretrained name or a local directory (see :func:`is_local_source`)."""
-        raise NotImplementedError
+        model = load_pretrained(self.model_class, source, known_names=self.known_pretrained_names)
+        model.eval()
+        return model
 
     def load_tokenizer(self, source: str | os.PathLike) -> Any:
-        raise NotImplementedError
+        return load_pretrained(self.tokenizer_class, source, known_names=self.known_pretrained_names)
 
     def save(self, model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, extra_info: dict | None = None) -> Path:
         """Write a self-contained model directory (weights, config, tokenizer, processor, model info).
@@ -303,7 +244,16 @@ class ModelFamily:
         Writes into ``out_dir`` directly; use :meth:`save_atomic` when a half-written directory must
         never be visible under the final name.
         """
-        raise NotImplementedError
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+        processor = self.image_processor(model)
+        if processor is not None:
+            processor.save_pretrained(str(out_dir))
+        self.write_model_info(out_dir, {**self.model_info(model, tokenizer), **(extra_info or {})})
+        return out_dir
 
     def save_atomic(self, model: Any, tokenizer: Any, out_dir: str | os.PathLike, **kwargs: Any) -> Path:
         """:meth:`save` into a temporary sibling directory that is renamed to ``out_dir`` on success."""
@@ -311,19 +261,34 @@ class ModelFamily:
             self.save(model, tokenizer, tmp, **kwargs)
         return Path(out_dir)
 
+    def model_info(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        """What later stages read from the saved directory's :data:`MODEL_INFO_FILE` about ``model``."""
+        raise NotImplementedError
+
     def write_model_info(self, out_dir: str | os.PathLike, info: dict[str, Any]) -> None:
         write_json(Path(out_dir) / MODEL_INFO_FILE, {"family": self.name, "kind": self.kind, **info})
 
-    # -- training data ------------------------------------------------------------------------------
+    def image_processor(self, model: Any) -> Any:
+        """A paddlenlp image processor of :attr:`image_processor_class` that preprocesses square images
+        like the evaluation transform, so ``from_pretrained(model_dir)`` of the processor class works;
+        None for a family without one. Non-square images differ: the processor resizes the short side
+        and centre-crops, while the evaluation transform squashes the whole image to a square."""
+        if self.image_processor_class is None:
+            return None
+        size = self.image_size(model)
+        return self.image_processor_class(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_mean=list(self.image_mean),
+            image_std=list(self.image_std),
+        )
 
-    #: Serialized data besides the split's LMDB that training and evaluation read: ``"regions"``
-    #: (detector region features and tags, :mod:`vlretrieval.data.regions`) or nothing.
-    extra_inputs: ClassVar[tuple[str, ...]] = ()
+    # -- training data ------------------------------------------------------------------------------
 
     def training_dataset(self, model: Any, tokenizer: Any, train_data: str | os.PathLike, *, max_len: int,
                          hparams: dict[str, Any], regions: str | os.PathLike | None = None) -> Any:
         """The dataset of training items; by default (dual encoders) one augmented pair per item."""
-        from ..training.data import FamilyTokenizer, PairDataset
+        from .datasets import FamilyTokenizer, PairDataset
 
         return PairDataset(
             train_data,
@@ -346,7 +311,7 @@ class ModelFamily:
     def training_collator(self, tokenizer: Any, model: Any, *, max_len: int) -> Any:
         """Turns a list of :meth:`training_dataset` items into the keyword inputs of ``model.forward``
         (texts of at most ``max_len`` tokens)."""
-        from ..training.data import PairCollator
+        from .datasets import PairCollator
 
         return PairCollator(tokenizer.pad_token_id)
 
@@ -366,7 +331,7 @@ class ModelFamily:
 
     def image_size(self, model: Any) -> int:
         """Side length in pixels of the square images the model's vision tower expects."""
-        raise NotImplementedError
+        return int(model.config.vision_config.image_size)
 
     def with_image_size(self, model: Any, image_size: int) -> Any:
         """``model`` reading square images of ``image_size`` pixels (a model entry's ``image_size``,
@@ -379,7 +344,7 @@ class ModelFamily:
     def image_transform(self, model_or_size: Any, *, train: bool, hflip: bool = True) -> ImageTransform:
         """Preprocessing for training (augmented) or evaluation (deterministic) images."""
         size = model_or_size if isinstance(model_or_size, int) else self.image_size(model_or_size)
-        return ImageTransform(image_size=size, train=train, hflip=hflip)
+        return ImageTransform(image_size=size, train=train, hflip=hflip, mean=self.image_mean, std=self.image_std)
 
     def tokenize(
         self, tokenizer: Any, texts: Sequence[str], *, max_len: int, pad_to_max: bool = False
@@ -407,6 +372,39 @@ class ModelFamily:
     def normalise_text(self, text: str) -> str:
         """The text as the tokenizer must see it; a family overrides this when its pretraining did too."""
         return str(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Saved model directories
+# --------------------------------------------------------------------------------------------------
+
+
+class LoadedModel(NamedTuple):
+    """A saved model directory, loaded: its family, the model (eval mode), tokenizer and model info."""
+
+    family: ModelFamily
+    model: Any
+    tokenizer: Any
+    info: dict[str, Any]
+
+
+def model_dir_family(model_dir: str | os.PathLike) -> ModelFamily:
+    """The family that saved ``model_dir`` (from its :data:`MODEL_INFO_FILE`), without loading weights."""
+    return get_family(read_model_info(model_dir)["family"])
+
+
+def load_model_dir(model_dir: str | os.PathLike, *, kind: str | None = None, purpose: str = "this step") -> LoadedModel:
+    """Load a directory written by :meth:`ModelFamily.save` through the family it names.
+
+    With ``kind`` a model of the other kind is refused, naming ``purpose`` (what needs the kind).
+    """
+    info = read_model_info(model_dir)
+    family = get_family(info["family"])
+    if kind is not None and family.kind != kind:
+        raise ConfigError(f"{model_dir}: {purpose} needs a {kind}, {family.name} is a {family.kind}")
+    model = family.load_model(model_dir)
+    model.eval()
+    return LoadedModel(family, model, family.load_tokenizer(model_dir), info)
 
 
 def checked_context_length(requested: int | None, default: int, limit: int | None, where: str | os.PathLike) -> int:
@@ -484,3 +482,34 @@ def tiny_architecture(family_name: str, defaults: dict[str, Any], overrides: dic
         if arch[f"{prefix}_hidden_size"] % arch[f"{prefix}_heads"]:
             raise ConfigError(f"{prefix}_hidden_size must be divisible by {prefix}_heads")
     return arch
+
+
+def tower_configs(
+    arch: Mapping[str, Any], vocab_size: int, *, text_extra: Mapping[str, Any] | None = None,
+    vision_extra: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The BERT-style text config and ViT vision config of a checked ``tiny`` architecture
+    (:func:`tiny_architecture`), each with a family's extra entries."""
+    text_config = {
+        "vocab_size": int(vocab_size),
+        "hidden_size": arch["text_hidden_size"],
+        "num_hidden_layers": arch["text_layers"],
+        "num_attention_heads": arch["text_heads"],
+        "intermediate_size": arch["text_intermediate_size"],
+        "max_position_embeddings": arch["max_position_embeddings"],
+        "type_vocab_size": arch["type_vocab_size"],
+        "hidden_dropout_prob": arch["hidden_dropout_prob"],
+        "attention_probs_dropout_prob": arch["attention_probs_dropout_prob"],
+        **dict(text_extra or {}),
+        "pad_token_id": 0,
+    }
+    vision_config = {
+        "image_size": arch["image_size"],
+        "patch_size": arch["patch_size"],
+        "hidden_size": arch["vision_hidden_size"],
+        "num_hidden_layers": arch["vision_layers"],
+        "num_attention_heads": arch["vision_heads"],
+        "intermediate_size": arch["vision_intermediate_size"],
+        **dict(vision_extra or {}),
+    }
+    return text_config, vision_config

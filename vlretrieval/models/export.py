@@ -9,7 +9,7 @@ texts, a dynamic length)::
     assets/            the source model directory without its weights (tokenizer, configs, model info)
 
 Outputs are the L2-normalised embeddings of ``encode_images`` / ``encode_texts``. Only the
-:class:`~vlretrieval.models.base.DualEncoder` interface is traced, so every dual-encoder family
+:class:`~vlretrieval.models.modeling_utils.DualEncoder` interface is traced, so every dual-encoder family
 exports the same way. Paddle 3 with PIR (the default) writes the program as ``.json``; a legacy
 ``.pdmodel`` program written by an older paddle is read as well.
 
@@ -32,7 +32,8 @@ from paddle.static import InputSpec
 
 from ..errors import ConfigError
 from ..io import atomic_directory, write_json
-from .base import DUAL_ENCODER, MODEL_INFO_FILE, eval_context_length, read_model_info
+from .base import MODEL_INFO_FILE, eval_context_length, load_model_dir
+from .registry import DUAL_ENCODER, get_family
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _input_specs(image_size: int) -> dict[str, list[tuple[str, list[int], str]]]
 def save_encoder_programs(model: Any, out_dir: str | os.PathLike, *, image_size: int) -> dict[str, dict[str, Any]]:
     """Trace ``model``'s two towers into static programs under ``out_dir/image`` and ``out_dir/text``.
 
-    ``model`` is any :class:`~vlretrieval.models.base.DualEncoder` layer; it is put in eval mode
+    ``model`` is any :class:`~vlretrieval.models.modeling_utils.DualEncoder` layer; it is put in eval mode
     (dropout off) before tracing. Batch size and text length stay dynamic. Returns, per encoder,
     the program and parameter file names and the inputs, as recorded in the manifest. Writes into
     ``out_dir`` directly; :func:`export_model` stages it atomically.
@@ -158,16 +159,13 @@ def export_model(
     programs are run through ``paddle.inference`` and must agree with the dynamic model
     (``VERIFY_ATOL`` absolute, cosine >= ``VERIFY_MIN_COSINE``), or nothing is written.
     """
-    from ..retrieval.extract import load_dual_encoder
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: model directory not found")
     if (model_dir / MANIFEST_FILE).is_file():
         raise ConfigError(f"{model_dir}: already an exported model; export a saved model directory instead")
-    info = read_model_info(model_dir)
     try:
-        family, model, tokenizer = load_dual_encoder(model_dir)
+        family, model, tokenizer, info = load_model_dir(model_dir, kind=DUAL_ENCODER, purpose="export")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{model_dir}: cannot load the model to export: {exc}") from exc
     max_len = eval_context_length(model_dir, family, max_len)
@@ -402,8 +400,6 @@ class ExportedModel:
 def load_exported_model(export_dir: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
                         onednn: bool = True) -> ExportedModel:
     """Family, tokenizer (from the export's assets) and :class:`InferenceEncoder` of an export."""
-    from .registry import get_family
-
     encoder = InferenceEncoder(export_dir, device=device, threads=threads, onednn=onednn)
     family = get_family(encoder.manifest["family"])
     if family.kind != DUAL_ENCODER:

@@ -35,20 +35,6 @@ SUMMARY_FILE = "extraction.json"
 ENGINES = ("dynamic", "inference")
 
 
-def load_dual_encoder(model_dir: str | os.PathLike) -> tuple[Any, Any, Any]:
-    """(family, model in eval mode, tokenizer) of a model directory saved by the package."""
-    from ..models.base import DUAL_ENCODER, read_model_info
-    from ..models.registry import get_family
-
-    info = read_model_info(model_dir)
-    family = get_family(info["family"])
-    if family.kind != DUAL_ENCODER:
-        raise ConfigError(f"{model_dir}: feature extraction needs a dual encoder, {family.name} is a {family.kind}")
-    model = family.load_model(model_dir)
-    model.eval()
-    return family, model, family.load_tokenizer(model_dir)
-
-
 def _encode_all(batches: Iterable[dict], ids_key: str, encode, total: int, what: str, progress: bool) -> FeatureSet:
     import paddle
     from tqdm import tqdm
@@ -85,14 +71,14 @@ class _Encoders:
 def _dynamic_encoders(model_dir: str | os.PathLike) -> _Encoders:
     import paddle
 
-    from ..models.base import read_model_info
+    from ..models.base import load_model_dir
     from ..models.export import MANIFEST_FILE
+    from ..models.registry import DUAL_ENCODER
 
     if (Path(model_dir) / MANIFEST_FILE).is_file():
         raise ConfigError(f"{model_dir}: an exported model; extract from it with the inference engine "
                           "(eval.engine: inference), or from its source model directory")
-    family, model, tokenizer = load_dual_encoder(model_dir)
-    info = read_model_info(model_dir)
+    family, model, tokenizer, info = load_model_dir(model_dir, kind=DUAL_ENCODER, purpose="feature extraction")
     longest = info.get("max_text_len")
     return _Encoders(
         family=family,
@@ -130,11 +116,11 @@ def extract_split(
     split_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    engine: str = "dynamic",
+    engine: str,
     threads: int | None = None,
     max_len: int | None = None,
-    image_batch_size: int = 64,
-    text_batch_size: int = 256,
+    image_batch_size: int,
+    text_batch_size: int,
     num_workers: int = 0,
     export_reference: bool = False,
     progress: bool = True,
@@ -149,7 +135,7 @@ def extract_split(
     With ``export_reference`` the reference ``imgs.img_feat.jsonl`` / ``texts.txt_feat.jsonl``
     files are written too.
     """
-    from ..training.data import FamilyTokenizer, image_loader, text_loader
+    from ..models.datasets import FamilyTokenizer, image_loader, text_loader
 
     if engine == "dynamic":
         encoders = _dynamic_encoders(model_dir)

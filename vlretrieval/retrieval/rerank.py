@@ -12,8 +12,8 @@ per pair. Two protocols, written to the same prediction files as dense ranking
   pairs, once each, and re-orders every candidate list by its score. Gold items outside a query's
   ``k`` candidates are misses, so ``k`` bounds the recall the cross encoder can reach.
 
-Scoring goes image by image (:class:`PairScorer`): the image's inputs are prepared once and scored
-against batches of texts, with progress logged.
+Scoring goes image by image (:class:`PairScorer`, made by the model's family: ``family.pair_scorer``):
+the image's inputs are prepared once and scored against batches of texts, with progress logged.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from ..config import CROSS_ENCODER_PROTOCOLS as PROTOCOLS
+from ..config import MODELS_SCHEMA, schema_default
 from ..errors import ConfigError, DataError
 from .features import load_any_features
 from .predictions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, write_predictions
@@ -87,62 +88,6 @@ class _Progress:
                      rate, (self.total - self.done) / rate if rate else float("nan"))
 
 
-class RegionPairScorer:
-    """:class:`PairScorer` of a cross encoder over captions, object tags and detector regions (VinVL).
-
-    Captions are tokenized once; each image's tags and region features are read once, when that
-    image is scored, and paired with batches of ``batch_size`` captions through the family's
-    ``assemble_pairs``, the same assembly training uses.
-    """
-
-    def __init__(self, model_dir: str | os.PathLike, split_dir: str | os.PathLike, regions: str | os.PathLike, *,
-                 batch_size: int = 256, max_len: int | None = None, max_regions: int | None = None):
-        import paddle
-
-        from ..data.lmdb_store import SplitStore
-        from ..data.regions import RegionStore
-        from ..models.base import eval_context_length, read_model_info
-        from ..models.registry import get_family
-
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be positive, got {batch_size}")
-        info = read_model_info(model_dir)
-        self.family = get_family(info["family"])
-        self.model = self.family.load_model(model_dir)
-        self.model.eval()
-        self.tokenizer = self.family.load_tokenizer(model_dir)
-        self.batch_size = int(batch_size)
-        self.max_len = eval_context_length(model_dir, self.family, max_len)
-        self.max_regions = int(max_regions or info.get("max_regions") or self.family.max_regions)
-        with SplitStore(split_dir) as store:
-            texts = store.texts()
-            self.image_ids = np.asarray(store.image_ids(), dtype=np.int64)
-        self.text_ids = np.asarray([t.text_id for t in texts], dtype=np.int64)
-        self.caption_ids = self.family.text_pieces(self.tokenizer, [t.text for t in texts])
-        self.regions = RegionStore(regions)
-        self.regions.require_images(self.image_ids, split_dir)
-        self._paddle = paddle
-
-    def close(self) -> None:
-        self.regions.close()
-
-    def score(self, image_index: int, text_indices: np.ndarray) -> np.ndarray:
-        paddle = self._paddle
-        regions = self.regions.get(int(self.image_ids[image_index]))
-        (tag_ids,) = self.family.text_pieces(self.tokenizer, [" ".join(regions.tags)])
-        out = np.empty(len(text_indices), dtype=np.float32)
-        for start in range(0, len(text_indices), self.batch_size):
-            chunk = text_indices[start:start + self.batch_size]
-            batch = self.family.assemble_pairs(
-                self.tokenizer, [self.caption_ids[t] for t in chunk], [tag_ids] * len(chunk),
-                [regions.features] * len(chunk), max_len=self.max_len, max_regions=self.max_regions,
-            )
-            with paddle.no_grad():
-                scores = self.model.score_pairs(**{key: paddle.to_tensor(value) for key, value in batch.items()})
-            out[start:start + len(chunk)] = scores.numpy().astype(np.float32, copy=False)
-        return out
-
-
 def exhaustive_scores(scorer: PairScorer) -> tuple[np.ndarray, RankingStats]:
     """The ``[n_texts, n_images]`` score matrix of every pair of the split."""
     n_texts, n_images = len(scorer.text_ids), len(scorer.image_ids)
@@ -191,6 +136,20 @@ def candidate_positions(features_dir: str | os.PathLike, text_ids: np.ndarray, i
         query_ids, top_ids, _ = topk_search(queries, gallery, k)
         rows = np.fromiter((query_position[int(q)] for q in query_ids), dtype=np.int64, count=len(query_ids))
         out[rows] = np.vectorize(lambda i: gallery_position[int(i)], otypes=[np.int64])(top_ids)
+    return t2i, i2t
+
+
+def itc_candidate_positions(scorer: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A cross encoder's own first stage: the exact top ``k`` of the similarities of its contrastive
+    head (``scorer.itc_features()``), as image positions per text ``[n_texts, k]`` and text positions
+    per image ``[n_images, k]``, best first, ties by position."""
+    texts, images = scorer.itc_features()
+    if not 1 <= k <= min(len(texts), len(images)):
+        raise ConfigError(f"candidates k={k} must be between 1 and the gallery ({len(images)} images, "
+                          f"{len(texts)} texts)")
+    similarity = texts @ images.T
+    t2i, _ = select_topk(similarity, k)
+    i2t, _ = select_topk(np.ascontiguousarray(similarity.T), k)
     return t2i, i2t
 
 
@@ -256,19 +215,19 @@ def rank_with_cross_encoder(
     out_i2t: str | os.PathLike,
     *,
     protocol: str,
-    top_k: int = 10,
+    top_k: int,
     candidates: str | os.PathLike | None = None,
     candidates_k: int | None = None,
     regions: str | os.PathLike | None = None,
-    batch_size: int = 256,
+    batch_size: int,
     max_len: int | None = None,
 ) -> RankingStats:
     """Rank the split ``split_dir`` with the cross encoder in ``model_dir`` and write both prediction files."""
-    from ..models.base import CROSS_ENCODER, read_model_info
-    from ..models.registry import get_family
+    from ..models.base import model_dir_family
+    from ..models.registry import CROSS_ENCODER
 
     check_protocol(protocol, candidates, candidates_k, top_k)
-    family = get_family(read_model_info(model_dir)["family"])
+    family = model_dir_family(model_dir)
     if family.kind != CROSS_ENCODER:
         raise ConfigError(f"{model_dir}: {family.name} is a {family.kind}; rank its features instead")
     scorer = family.pair_scorer(model_dir, split_dir, regions=regions, batch_size=batch_size, max_len=max_len)
@@ -285,9 +244,9 @@ def _rank(scorer: PairScorer, family: Any, out_t2i: str | os.PathLike, out_i2t: 
     else:
         started = time.perf_counter()
         if os.fspath(candidates) == OWN_ITC_HEAD:
-            if not hasattr(scorer, "itc_candidates"):
+            if not hasattr(scorer, "itc_features"):
                 raise ConfigError(f"{family.name} has no contrastive head to give candidates; name a dual encoder")
-            t2i_candidates, i2t_candidates = scorer.itc_candidates(int(candidates_k))
+            t2i_candidates, i2t_candidates = itc_candidate_positions(scorer, int(candidates_k))
         else:
             t2i_candidates, i2t_candidates = candidate_positions(candidates, scorer.text_ids, scorer.image_ids,
                                                                  int(candidates_k))
@@ -309,8 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--candidates", default=None,
                         help=f"two_stage: a dual encoder's features directory, or '{OWN_ITC_HEAD}' for the model's own contrastive head")
     parser.add_argument("--candidates-k", type=int, default=None, help="two_stage: candidates per query")
-    parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=256, help="pairs per forward pass")
+    parser.add_argument("--top-k", type=int, default=schema_default(MODELS_SCHEMA, "eval", "top_k"),
+                        help="predictions per query (default: eval.top_k of the model schema)")
+    parser.add_argument("--batch-size", type=int, default=schema_default(MODELS_SCHEMA, "eval", "pair_batch_size"),
+                        help="pairs per forward pass (default: eval.pair_batch_size of the model schema)")
     parser.add_argument("--max-len", type=int, default=None, help="text tokens per pair (default: the model's)")
     parser.add_argument("--out-t2i", type=Path, required=True)
     parser.add_argument("--out-i2t", type=Path, required=True)

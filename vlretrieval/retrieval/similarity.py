@@ -58,11 +58,12 @@ class SimilarityModel:
     """A saved dual encoder, ready to embed image files and texts into its normalised space."""
 
     def __init__(self, model_dir: str | os.PathLike, *, max_len: int | None = None):
-        from ..models.base import eval_context_length
-        from .extract import load_dual_encoder
+        from ..models.base import eval_context_length, load_model_dir
+        from ..models.registry import DUAL_ENCODER
 
         self.model_dir = Path(model_dir)
-        self.family, self.model, self.tokenizer = load_dual_encoder(self.model_dir)
+        self.family, self.model, self.tokenizer, _ = load_model_dir(self.model_dir, kind=DUAL_ENCODER,
+                                                                    purpose="similarity")
         self.max_len = eval_context_length(self.model_dir, self.family, max_len)
         self.transform = self.family.image_transform(self.model, train=False)
 

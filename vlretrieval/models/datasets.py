@@ -1,4 +1,5 @@
-"""Datasets and loaders over serialized splits (:class:`vlretrieval.data.lmdb_store.SplitStore`).
+"""Datasets, collators and loaders that turn serialized splits
+(:class:`vlretrieval.data.lmdb_store.SplitStore`) into model inputs.
 
 * :class:`PairDataset`: one (image, caption) pair per item for contrastive training, with the
   training image transform and captions truncated to ``max_len`` tokens.
@@ -21,6 +22,7 @@ from paddle.io import DataLoader, Dataset
 
 from ..data.lmdb_store import SplitStore
 from ..errors import DataError
+from .registry import get_family
 
 
 # py-lmdb refuses to open one environment twice in a process, and a forked child inherits that
@@ -68,8 +70,6 @@ class FamilyTokenizer:
         self.tokenizer = tokenizer
 
     def __call__(self, texts: Sequence[str], max_len: int) -> dict:
-        from ..models.registry import get_family
-
         return get_family(self.family_name).tokenize(self.tokenizer, texts, max_len=max_len)
 
 

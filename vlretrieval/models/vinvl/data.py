@@ -24,9 +24,10 @@ from typing import Any, Sequence
 import numpy as np
 from paddle.io import Dataset
 
-from ..data.regions import RegionStore
-from ..errors import DataError
-from .data import release_store, shared_store
+from ...data.regions import RegionStore
+from ...errors import DataError
+from ..datasets import release_store, shared_store
+from ..registry import get_family
 
 
 class RegionPairDataset(Dataset):
@@ -72,8 +73,6 @@ class RegionPairDataset(Dataset):
         return len(self._pairs)
 
     def _family(self):
-        from ..models.registry import get_family
-
         return get_family(self.family_name)
 
     def _example(self, caption_position: int, image_id: int, label: int) -> dict[str, Any]:
@@ -127,8 +126,6 @@ class RegionPairCollator:
         self.max_regions = int(max_regions)
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-        from ..models.registry import get_family
-
         examples = [example for item in items for example in item["examples"]]
         batch = get_family(self.family_name).assemble_pairs(
             self.tokenizer,

@@ -23,7 +23,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from ..base import checked_context_length
+from ..registry import get_family
+from .data import RegionPairDataset
+from .modeling import OscarMaskedTokenHead
 
 _log = logging.getLogger(__name__)
 
@@ -104,10 +108,6 @@ def masked_token_pretraining(family_name: str, model: Any, tokenizer: Any, train
     import paddle
     import paddle.nn.functional as F
 
-    from ..models.base import checked_context_length
-    from ..models.registry import get_family
-    from ..models.vinvl import OscarMaskedTokenHead
-    from .itm import RegionPairDataset
 
     settings = resolve_pretrain_settings(settings)
     family = get_family(family_name)
