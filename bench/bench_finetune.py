@@ -22,14 +22,9 @@ from pathlib import Path
 
 from vlretrieval.data.demo import DemoSpec, write_demo_archive
 from vlretrieval.data.lmdb_store import serialize_split
-from vlretrieval.training.finetune import (
-    TRAIN_LOG,
-    launch_command,
-    launch_env,
-    prepare_initial_model,
-    read_train_log,
-    vocab_texts_from_split,
-)
+from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
+from vlretrieval.training.checkpoints import TRAIN_LOG, read_train_log
+from vlretrieval.training.launcher import launch_command, launch_env
 
 SKIP_STEPS = 5
 

@@ -28,12 +28,8 @@ def _rank_main(argv: list[str]) -> None:
     import paddle.distributed as dist
 
     from vlretrieval.models.registry import get_family
-    from vlretrieval.training.losses import (
-        UnequalBatchError,
-        clip_contrastive_loss,
-        clip_loss_from_logits,
-        exit_after_peers,
-    )
+    from vlretrieval.models.losses import UnequalBatchError, clip_contrastive_loss, clip_loss_from_logits
+    from vlretrieval.training.losses import exit_after_peers
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
@@ -98,9 +94,10 @@ if __name__ == "__main__":
 import paddle  # noqa: E402
 import pytest  # noqa: E402
 
+from vlretrieval.models.prepare import prepare_initial_model  # noqa: E402
 from vlretrieval.models.registry import get_family  # noqa: E402
-from vlretrieval.training.finetune import launch_env, prepare_initial_model  # noqa: E402
-from vlretrieval.training.losses import clip_contrastive_loss  # noqa: E402
+from vlretrieval.training.launcher import launch_env  # noqa: E402
+from vlretrieval.models.losses import clip_contrastive_loss  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,15 @@ from vlretrieval.data.demo import DemoSpec, write_demo_archive
 from vlretrieval.data.lmdb_store import serialize_split
 from vlretrieval.errors import ConfigError
 from vlretrieval.models.base import ImageTransform, read_model_info
+from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
 from vlretrieval.models.registry import get_family
-from vlretrieval.training.data import (
+from vlretrieval.training.checkpoints import (
+    TRAIN_LOG,
+    find_resumable_checkpoint,
+    is_complete_checkpoint,
+    read_train_log,
+)
+from vlretrieval.models.datasets import (
     FamilyTokenizer,
     PairCollator,
     PairDataset,
@@ -30,21 +37,9 @@ from vlretrieval.training.data import (
     shared_store,
     text_loader,
 )
-from vlretrieval.training.finetune import (
-    TRAIN_LOG,
-    FinetuneError,
-    find_resumable_checkpoint,
-    finetune,
-    is_complete_checkpoint,
-    launch_command,
-    launch_env,
-    launch_finetune,
-    prepare_initial_model,
-    read_train_log,
-    resolve_hparams,
-    training_arguments,
-    vocab_texts_from_split,
-)
+from vlretrieval.training.finetune import finetune
+from vlretrieval.training.hparams import resolve_hparams, training_arguments
+from vlretrieval.training.launcher import FinetuneError, launch_command, launch_env, launch_finetune
 
 paddle.set_device("cpu")
 
@@ -309,7 +304,7 @@ def test_killed_runs_resume_from_last_complete_checkpoint(demo):
     #    gets SIGTERM from the kernel (parent-death signal) and stops its ranks.
     script = (
         "import json, sys\n"
-        "from vlretrieval.training.finetune import launch_finetune\n"
+        "from vlretrieval.training.launcher import launch_finetune\n"
         "a = json.loads(sys.argv[1])\n"
         "launch_finetune(a['model'], a['split'], a['work'], a['final'], n_ranks=2, use_gpu=False, hparams=a['hparams'])\n"
     )

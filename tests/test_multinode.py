@@ -21,19 +21,17 @@ import numpy as np
 import pytest
 
 from vlretrieval.errors import ConfigError
-from vlretrieval.training.finetune import (
+from vlretrieval.training.launch_plan import (
     SLURM_MASTER_PORT_BASE,
     LaunchPlan,
     complete_slurm_environ,
     expand_hostlist,
-    launch_command,
-    launch_env,
     master_endpoint,
     parse_scontrol_job,
     resolve_launch_plan,
-    slurm_launch_command,
     visible_gpus,
 )
+from vlretrieval.training.launcher import launch_command, launch_env, slurm_launch_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -239,7 +237,7 @@ HPARAMS = {
 def tiny(tmp_path_factory):
     from vlretrieval.data.demo import DemoSpec, write_demo_archive
     from vlretrieval.data.lmdb_store import serialize_split
-    from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
+    from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
 
     root = tmp_path_factory.mktemp("multinode")
     write_demo_archive(DemoSpec(name="demo_mn", seed=5, sizes={"train": 8}), root / "demo_mn.zip")

@@ -17,7 +17,7 @@ from vlretrieval.models.randaugment import (
     randaugment_from,
 )
 from vlretrieval.models.registry import get_family
-from vlretrieval.training.finetune import resolve_hparams
+from vlretrieval.training.hparams import resolve_hparams
 
 WIDTH, HEIGHT = 40, 30
 

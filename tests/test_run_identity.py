@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vlretrieval.training.finetune import RUN_IDENTITY_FILE, TRAIN_LOG, claim_work_dir
+from vlretrieval.training.checkpoints import RUN_IDENTITY_FILE, TRAIN_LOG, claim_work_dir
 
 
 def _fake_checkpoint(work, step):
@@ -36,7 +36,8 @@ def test_changed_identity_discards_checkpoints_and_log(tmp_path):
 
 
 def test_identity_ignores_bookkeeping_but_not_the_recipe(tmp_path):
-    from vlretrieval.training.finetune import resolve_hparams, run_identity
+    from vlretrieval.training.checkpoints import run_identity
+    from vlretrieval.training.hparams import resolve_hparams
 
     model, data = tmp_path / "model", tmp_path / "data"
     (data / "imgs").mkdir(parents=True)

@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 from vlretrieval.cli import json_arg, run
-from vlretrieval.training.finetune import complete_slurm_environ, launch_finetune, resolve_launch_plan
+from vlretrieval.config import CONFIG_SCHEMA, schema_default
+from vlretrieval.training.launch_plan import complete_slurm_environ, resolve_launch_plan
+from vlretrieval.training.launcher import launch_finetune
 
 
 def main(argv=None):
@@ -23,7 +25,8 @@ def main(argv=None):
     parser.add_argument("--final-dir", type=Path, required=True, help="the fine-tuned model")
     parser.add_argument("--train-log", type=Path, required=True, help="copy of the per-step loss and learning rate")
     parser.add_argument("--ranks", type=int, required=True, help="CPU ranks per node (when --gpus is 0)")
-    parser.add_argument("--gpus", type=int, default=0, help="GPUs per node; 0 runs CPU ranks")
+    parser.add_argument("--gpus", type=int, default=schema_default(CONFIG_SCHEMA, "finetune", "gpus"),
+                        help="GPUs per node; 0 runs CPU ranks (default: finetune.gpus of the config schema)")
     parser.add_argument("--hparams", type=json_arg, default={}, help="overrides of the reference recipe (JSON)")
     parser.add_argument("--nnodes", type=int, default=None, help="nodes of a run started by hand on each node")
     parser.add_argument("--node-rank", type=int, default=None, help="this node's index (0 holds global rank 0)")

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from vlretrieval.cli import json_arg, run
-from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
+from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
 
 
 def main(argv=None):

@@ -238,7 +238,7 @@ def read_training(train_log: Path) -> TrainingRecord:
     speeds: list[float] = []
     end: dict[str, Any] | None = None
     duplicates = 0
-    from ..training.finetune import iter_train_log
+    from ..training.checkpoints import iter_train_log
 
     try:
         entries = list(iter_train_log(train_log, strict=True))

@@ -62,7 +62,7 @@ def plot_recall_curves(results_dir: str | os.PathLike, gold_texts: str | os.Path
 
 
 def plot_loss_curve(train_log: str | os.PathLike, out_png: str | os.PathLike, *, title: str) -> None:
-    from ..training.finetune import read_train_log
+    from ..training.checkpoints import read_train_log
 
     records = [r for r in read_train_log(train_log) if r.get("event") == "train"]
     plt = _pyplot()
