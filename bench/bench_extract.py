@@ -15,9 +15,11 @@ from pathlib import Path
 
 
 def main() -> None:
+    from vlretrieval.config import MODELS_SCHEMA, schema_default
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=schema_default(MODELS_SCHEMA, "eval", "image_batch_size"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -26,9 +28,10 @@ def main() -> None:
     from vlretrieval.data.demo import DemoSpec, write_demo_archive
     from vlretrieval.data.download import safe_extract
     from vlretrieval.data.lmdb_store import serialize_split
-    from vlretrieval.retrieval.extract import extract_split, load_dual_encoder
-    from vlretrieval.training.data import image_loader
-    from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
+    from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
+    from vlretrieval.models.base import load_model_dir
+    from vlretrieval.models.datasets import image_loader
+    from vlretrieval.retrieval.extract import extract_split
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -39,7 +42,7 @@ def main() -> None:
         serialize_split("raw_tsv", tmp / "raw", "test", tmp / "lmdb", entry=entry, progress=False)
         prepare_initial_model("ernie_vil", "tiny", tmp / "model", vocab_texts=vocab_texts_from_split(tmp / "lmdb"))
 
-        family, model, _ = load_dual_encoder(tmp / "model")
+        family, model, _, _ = load_model_dir(tmp / "model")
         transform = family.image_transform(model, train=False)
         batches = [b["pixel_values"] for b in image_loader(tmp / "lmdb", transform, batch_size=args.batch_size)]
         n = sum(int(b.shape[0]) for b in batches)
@@ -54,7 +57,8 @@ def main() -> None:
         def whole_path_rate() -> float:
             # extract_split times its image pass (read, decode, transform, batch, forward) on its own.
             summary = extract_split(
-                tmp / "model", tmp / "lmdb", tmp / "features", image_batch_size=args.batch_size, progress=False
+                tmp / "model", tmp / "lmdb", tmp / "features", engine="dynamic", image_batch_size=args.batch_size,
+                text_batch_size=schema_default(MODELS_SCHEMA, "eval", "text_batch_size"), progress=False,
             )
             return summary["images_per_second"]
 

@@ -17,11 +17,13 @@ from pathlib import Path
 
 
 def main() -> None:
+    from vlretrieval.config import MODELS_SCHEMA, schema_default
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--captions-per-image", type=int, default=5)
-    parser.add_argument("--image-batch-size", type=int, default=64)
-    parser.add_argument("--text-batch-size", type=int, default=256)
+    parser.add_argument("--image-batch-size", type=int, default=schema_default(MODELS_SCHEMA, "eval", "image_batch_size"))
+    parser.add_argument("--text-batch-size", type=int, default=schema_default(MODELS_SCHEMA, "eval", "text_batch_size"))
     parser.add_argument("--threads", type=int, default=None, help="inference engine CPU threads (default: all)")
     parser.add_argument("--arch", type=json.loads, default={}, help="tiny architecture overrides (JSON)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -33,8 +35,8 @@ def main() -> None:
     from vlretrieval.data.download import safe_extract
     from vlretrieval.data.lmdb_store import serialize_split
     from vlretrieval.models.export import default_threads, export_model
+    from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
     from vlretrieval.retrieval.extract import extract_split
-    from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
 
     threads = args.threads or default_threads()
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,6 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vlretrieval.config import MODELS_SCHEMA, schema_default  # noqa: E402 (after the path)
+
+TOP_K = schema_default(MODELS_SCHEMA, "eval", "top_k")
+
 SPLIT = "test"
 NAME = "bench_rerank"
 DEFAULT_VINVL = ROOT / "work" / "demo_en" / "vinvl" / "models" / "finetuned"
@@ -68,7 +72,7 @@ def _build_split(work: Path, images: int, captions: int, seed: int,
 
 def _model(requested: Path | None, default: Path, family: str, work: Path, split_dir: Path) -> tuple[Path, str]:
     """The model directory to use and how it was obtained ("given", "trained demo_en", "untrained tiny")."""
-    from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
+    from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
 
     if requested is not None:
         if not requested.is_dir():
@@ -85,7 +89,7 @@ def _recall(split_dir: Path, scorer, predictions_dir: Path) -> dict:
     from vlretrieval.retrieval.metrics import score_prediction_files
 
     scores = score_prediction_files(
-        split_dir / GOLD_FILE, predictions_dir / T2I_FILE, predictions_dir / I2T_FILE, k=10,
+        split_dir / GOLD_FILE, predictions_dir / T2I_FILE, predictions_dir / I2T_FILE, k=TOP_K,
         image_ids=[int(i) for i in scorer.image_ids], text_ids=[int(t) for t in scorer.text_ids],
         allow_extra_queries=True,
     )
@@ -96,7 +100,7 @@ def _recall(split_dir: Path, scorer, predictions_dir: Path) -> dict:
     return rounded(scores)
 
 
-def _write(scorer, t2i, i2t, out: Path, k: int = 10) -> Path:
+def _write(scorer, t2i, i2t, out: Path, k: int = TOP_K) -> Path:
     """Prediction files of the best ``k`` of each ranking (the scorer wants exactly ``k`` ids a query)."""
     from vlretrieval.retrieval.evaluate import I2T_FILE, T2I_FILE
     from vlretrieval.retrieval.rerank import write_rankings
@@ -110,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="test images (1,000: the COCO 1K protocol)")
     parser.add_argument("--captions-per-image", type=int, default=5)
-    parser.add_argument("--k", type=int, default=20, help="two-stage candidates per query")
-    parser.add_argument("--batch-size", type=int, default=256, help="pairs per cross-encoder forward pass")
+    parser.add_argument("--k", type=int, default=schema_default(MODELS_SCHEMA, "eval", "candidates", "k"),
+                        help="two-stage candidates per query")
+    parser.add_argument("--batch-size", type=int, default=schema_default(MODELS_SCHEMA, "eval", "pair_batch_size"),
+                        help="pairs per cross-encoder forward pass")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU math-library threads (OMP/MKL/OpenBLAS; default: the libraries' own)")
     parser.add_argument("--seed", type=int, default=5, help="generator seed of the test split")
@@ -140,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlretrieval.config import load_datasets
     from vlretrieval.retrieval.extract import IMAGES_DIR, TEXTS_DIR, extract_split
-    from vlretrieval.retrieval.rerank import (RegionPairScorer, candidate_positions, rank_exhaustive,
-                                              rerank_candidates)
+    from vlretrieval.models.vinvl import RegionPairScorer
+    from vlretrieval.retrieval.rerank import candidate_positions, rank_exhaustive, rerank_candidates
     from vlretrieval.retrieval.evaluate import I2T_FILE, T2I_FILE
     from vlretrieval.retrieval.topk import rank_features
 
@@ -166,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         # First stage: dual-encoder features, then the exact top k of every query.
         features = work / "features"
         started = time.perf_counter()
-        extract_split(dual_dir, split_dir, features, engine="dynamic", progress=False)
+        extract_split(dual_dir, split_dir, features, engine="dynamic", progress=False,
+                      image_batch_size=schema_default(MODELS_SCHEMA, "eval", "image_batch_size"),
+                      text_batch_size=schema_default(MODELS_SCHEMA, "eval", "text_batch_size"))
         extract_s = time.perf_counter() - started
         started = time.perf_counter()
         t2i_cands, i2t_cands = candidate_positions(features, scorer.text_ids, scorer.image_ids, args.k)
@@ -176,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         dense_dir = work / "pred" / "dense"
         dense_dir.mkdir(parents=True)
-        rank_features(features / IMAGES_DIR, features / TEXTS_DIR, dense_dir / T2I_FILE, dense_dir / I2T_FILE, k=10)
+        rank_features(features / IMAGES_DIR, features / TEXTS_DIR, dense_dir / T2I_FILE, dense_dir / I2T_FILE, k=TOP_K,
+                      chunk_size=schema_default(MODELS_SCHEMA, "eval", "chunk_size"))
         dense_rank_s = time.perf_counter() - started
 
         t2i, i2t, two_stats = rerank_candidates(scorer, t2i_cands, i2t_cands)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlretrieval.config import MODELS_SCHEMA, schema_default
 from vlretrieval.retrieval.features import FeatureSet
 from vlretrieval.retrieval.topk import DEFAULT_CHUNK_SIZE, PRODUCT_ROWS, topk_search
 
@@ -172,7 +173,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=25_000)
     parser.add_argument("--images", type=int, default=5_000)
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--k", type=int, default=schema_default(MODELS_SCHEMA, "eval", "top_k"))
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--reference-sample", type=int, default=2_000,
                         help="queries the reference algorithm is timed on (result extrapolated)")

@@ -1,10 +1,6 @@
 # Data stages: demo archive generation, download, image fetching for CSV+URL corpora,
 # serialization to LMDB, region features beside it.
 
-# Registry keys the image step of a url_csv dataset reads; editing anything else reruns nothing.
-URL_CORPUS_KEYS = ("format", "root", "splits", "url_corpus")
-
-
 rule demo_archive:
     output:
         archive="resources/sources/{dataset}.zip",
@@ -34,7 +30,8 @@ rule download:
         directory("resources/{dataset}/download"),
     params:
         script=workflow_script("download.py"),
-        entry=lambda wildcards: quoted_json(subset(dataset_entry(wildcards), DOWNLOAD_KEYS)),
+        # Only the registry keys the step reads: editing anything else reruns nothing.
+        entry=lambda wildcards: quoted_json(PIPELINE.download_entry(wildcards.dataset)),
         timeout=config["data"]["download_timeout"],
         retries=config["data"]["download_retries"],
     log:
@@ -60,7 +57,7 @@ rule fetch_url_corpus:
         directory("resources/{dataset}/raw"),
     params:
         script=workflow_script("fetch_url_corpus.py"),
-        entry=lambda wildcards: quoted_json(subset(dataset_entry(wildcards), URL_CORPUS_KEYS)),
+        entry=lambda wildcards: quoted_json(PIPELINE.url_corpus_entry(wildcards.dataset)),
         on_bad_record=config["data"]["on_bad_record"],
         # Outside the output, which Snakemake deletes before a rerun: fetched images survive
         # failed and killed jobs, so the next run resumes instead of starting over.
@@ -83,18 +80,12 @@ rule fetch_url_corpus:
 rule serialize:
     input:
         # A url_csv dataset is serialized from the raw layout fetch_url_corpus wrote, others from the download.
-        lambda wildcards: "resources/{}/{}".format(
-            wildcards.dataset, "raw" if dataset_entry(wildcards)["format"] == "url_csv" else "download"
-        ),
+        serialize_source,
     output:
         directory("resources/{dataset}/lmdb/{split}"),
     params:
         script=workflow_script("serialize.py"),
-        entry=lambda wildcards: quoted_json(
-            {"format": "raw_tsv"}
-            if dataset_entry(wildcards)["format"] == "url_csv"
-            else subset(dataset_entry(wildcards), SOURCE_KEYS)
-        ),
+        entry=lambda wildcards: quoted_json(PIPELINE.serialize_entry(wildcards.dataset)),
         on_bad_record=config["data"]["on_bad_record"],
     log:
         "logs/serialize/{dataset}/{split}.log",
@@ -113,10 +104,6 @@ rule serialize:
 
 
 
-# Registry keys the region step reads; an entry without `regions` stops the job with a clear error.
-REGION_KEYS = ("root", "regions")
-
-
 rule serialize_regions:
     input:
         # The split's image ids come from its serialized LMDB, so features are checked against
@@ -128,7 +115,7 @@ rule serialize_regions:
         directory("resources/{dataset}/regions/{split}"),
     params:
         script=workflow_script("serialize_regions.py"),
-        entry=lambda wildcards: quoted_json(subset(dataset_entry(wildcards), REGION_KEYS)),
+        entry=lambda wildcards: quoted_json(PIPELINE.region_entry(wildcards.dataset)),
         on_bad_record=config["data"]["on_bad_record"],
     log:
         "logs/serialize_regions/{dataset}/{split}.log",

@@ -13,7 +13,7 @@ rule extract_features:
         directory("work/{dataset}/{model}/{stage}/features"),
     params:
         script=workflow_script("extract.py"),
-        eval=lambda wildcards: quoted_json(subset(model_entry(wildcards)["eval"], EXTRACTION_KEYS)),
+        eval=extraction_params,
     log:
         "logs/extract_features/{dataset}/{model}/{stage}.log",
     benchmark:
@@ -39,7 +39,7 @@ rule rank:
         i2t="work/{dataset}/{model}/{stage}/predictions/i2t_predictions.jsonl",
     params:
         script=workflow_script("rank.py"),
-        top_k=lambda wildcards: model_entry(wildcards)["eval"]["top_k"],
+        top_k=top_k,
         chunk_size=lambda wildcards: model_entry(wildcards)["eval"]["chunk_size"],
     log:
         "logs/rank/{dataset}/{model}/{stage}.log",
@@ -68,7 +68,7 @@ rule rerank:
     params:
         script=workflow_script("rerank.py"),
         args=rerank_args,
-        top_k=lambda wildcards: model_entry(wildcards)["eval"]["top_k"],
+        top_k=top_k,
     log:
         "logs/rerank/{dataset}/{model}/{stage}.log",
     benchmark:
@@ -94,7 +94,7 @@ rule score:
         script=workflow_script("score.py"),
         split=lambda wildcards: dataset_entry(wildcards)["eval_split"],
         stages=stage_prediction_args,
-        top_k=lambda wildcards: model_entry(wildcards)["eval"]["top_k"],
+        top_k=top_k,
         protocol=protocol_arg,
     log:
         "logs/score/{dataset}/{model}.log",

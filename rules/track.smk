@@ -13,12 +13,10 @@ rule track:
         script=workflow_script("track.py"),
         uri=config["tracking"]["uri"],
         experiment=config["tracking"]["experiment"],
-        pair_config=lambda wildcards: quoted_json(
-            {"dataset": dataset_entry(wildcards), "model": model_entry(wildcards), "finetune": config["finetune"]}
-        ),
+        pair_config=tracked_config,
         repo=workflow.basedir,
-        train_log=lambda wildcards, input: f"--train-log {input.train_log}" if "train_log" in input.keys() else "",
-        artifacts=lambda wildcards, input: " ".join(input.artifacts) if "artifacts" in input.keys() else "",
+        train_log=tracking_args,
+        artifacts=lambda wildcards, input: " ".join(input.artifacts),
     log:
         "logs/track/{dataset}/{model}.log",
     benchmark:

@@ -18,10 +18,10 @@ rule prepare_model:
     benchmark:
         "benchmarks/prepare_model/{dataset}/{model}.tsv"
     # Pretraining is one process; its matrix products use the job's cores.
-    threads: lambda wildcards: FINETUNE_THREADS if model_entry(wildcards).get("pretrain") else 1
+    threads: lambda wildcards: FINETUNE_THREADS if pretrains(wildcards) else 1
     resources:
-        mem_mb=lambda wildcards: 16000 if model_entry(wildcards).get("pretrain") else 4000,
-        runtime=lambda wildcards: 24 * 60 if model_entry(wildcards).get("pretrain") else 30,
+        mem_mb=lambda wildcards: 16000 if pretrains(wildcards) else 4000,
+        runtime=lambda wildcards: 24 * 60 if pretrains(wildcards) else 30,
     conda:
         "../envs/cpu.yaml"
     shell:
@@ -47,7 +47,7 @@ rule finetune:
         # and the GPUs each one shows in its environment.
         gpus=config["finetune"]["gpus"],
         cpu_ranks=config["finetune"]["cpu_ranks"],
-        regions=lambda wildcards, input: f"--regions {input.regions}" if "regions" in input.keys() else "",
+        regions=finetune_args,
     log:
         "logs/finetune/{dataset}/{model}.log",
     benchmark:

@@ -13,7 +13,8 @@ from vlretrieval.data.demo import DemoSpec, write_demo_archive
 from vlretrieval.data.download import safe_extract
 from vlretrieval.data.lmdb_store import SplitStore, serialize_split
 from vlretrieval.errors import ConfigError
-from vlretrieval.models.base import DUAL_ENCODER, MODEL_INFO_FILE
+from vlretrieval.models.base import MODEL_INFO_FILE, load_model_dir
+from vlretrieval.models.registry import DUAL_ENCODER
 from vlretrieval.models.export import (
     MANIFEST_FILE,
     InferenceEncoder,
@@ -21,10 +22,10 @@ from vlretrieval.models.export import (
     feature_agreement,
     read_export_manifest,
 )
+from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
 from vlretrieval.models.registry import list_families
-from vlretrieval.retrieval.extract import extract_split, feature_paths, load_dual_encoder
+from vlretrieval.retrieval.extract import extract_split, feature_paths
 from vlretrieval.retrieval.features import load_features
-from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
 
 from .conftest import tiny_demo_entry
 
@@ -83,7 +84,7 @@ def test_manifest_and_layout(exported):
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain_cpu"])
 def test_exported_encoders_match_the_dynamic_model_at_any_batch_size_and_length(exported, onednn):
     _, model_dir, export_dir, manifest = exported
-    family, model, tokenizer = load_dual_encoder(model_dir)
+    family, model, tokenizer, _ = load_model_dir(model_dir)
     engine = InferenceEncoder(export_dir, device="cpu", threads=2, onednn=onednn)
     rng = np.random.default_rng(1)
     size = manifest["image_size"]
@@ -116,7 +117,7 @@ def test_exported_encoders_match_the_dynamic_model_at_any_batch_size_and_length(
 
 def test_inference_extraction_matches_dynamic_extraction(exported, tmp_path):
     split, model_dir, export_dir, _ = exported
-    dynamic = extract_split(model_dir, split, tmp_path / "dynamic", image_batch_size=4, text_batch_size=7,
+    dynamic = extract_split(model_dir, split, tmp_path / "dynamic", engine="dynamic", image_batch_size=4, text_batch_size=7,
                             progress=False)
     inference = extract_split(export_dir, split, tmp_path / "inference", engine="inference", threads=2,
                               image_batch_size=4, text_batch_size=7, progress=False)
@@ -128,10 +129,10 @@ def test_inference_extraction_matches_dynamic_extraction(exported, tmp_path):
         np.testing.assert_array_equal(got.ids, expected.ids)
         _assert_same_features(got.vectors, expected.vectors)
     # a context length other than the recorded one is honoured, and bounded by the model's limit
-    short = extract_split(export_dir, split, tmp_path / "short", engine="inference", max_len=4, progress=False)
+    short = extract_split(export_dir, split, tmp_path / "short", engine="inference", image_batch_size=64, text_batch_size=256, max_len=4, progress=False)
     assert short["max_len"] == 4
     with pytest.raises(ConfigError, match="exceeds"):
-        extract_split(export_dir, split, tmp_path / "long", engine="inference", max_len=65, progress=False)
+        extract_split(export_dir, split, tmp_path / "long", engine="inference", image_batch_size=64, text_batch_size=256, max_len=65, progress=False)
 
 
 @pytest.mark.parametrize("family_name", [name for name in list_families(DUAL_ENCODER) if name != "ernie_vil"])
@@ -140,7 +141,7 @@ def test_every_dual_encoder_family_exports(exported, family_name, tmp_path):
     prepare_initial_model(family_name, "tiny", tmp_path / "model", vocab_texts=vocab_texts_from_split(split))
     manifest = export_model(tmp_path / "model", tmp_path / "export", threads=1)
     assert manifest["family"] == family_name
-    extract_split(tmp_path / "model", split, tmp_path / "dynamic", image_batch_size=4, text_batch_size=7,
+    extract_split(tmp_path / "model", split, tmp_path / "dynamic", engine="dynamic", image_batch_size=4, text_batch_size=7,
                   progress=False)
     extract_split(tmp_path / "export", split, tmp_path / "inference", engine="inference", threads=1,
                   image_batch_size=4, text_batch_size=7, progress=False)
@@ -168,15 +169,15 @@ def test_bad_inputs_give_clear_errors(exported, tmp_path):
     assert not (tmp_path / "out").exists()
 
     with pytest.raises(ConfigError, match="saved model directory, not an exported one"):
-        extract_split(model_dir, split, tmp_path / "f", engine="inference", progress=False)
+        extract_split(model_dir, split, tmp_path / "f", engine="inference", image_batch_size=64, text_batch_size=256, progress=False)
     with pytest.raises(ConfigError, match="not an exported model"):
         InferenceEncoder(tmp_path / "empty")
     with pytest.raises(ConfigError, match="exported model directory not found"):
         InferenceEncoder(tmp_path / "missing")
     with pytest.raises(ConfigError, match="an exported model; extract from it with the inference engine"):
-        extract_split(export_dir, split, tmp_path / "f", progress=False)
+        extract_split(export_dir, split, tmp_path / "f", engine="dynamic", image_batch_size=64, text_batch_size=256, progress=False)
     with pytest.raises(ConfigError, match="unknown extraction engine 'static'"):
-        extract_split(export_dir, split, tmp_path / "f", engine="static", progress=False)
+        extract_split(export_dir, split, tmp_path / "f", engine="static", image_batch_size=64, text_batch_size=256, progress=False)
 
     broken = tmp_path / "broken"
     shutil.copytree(export_dir, broken)
@@ -186,7 +187,7 @@ def test_bad_inputs_give_clear_errors(exported, tmp_path):
     shutil.rmtree(broken / "assets")
     shutil.copy2(export_dir / "text" / "inference.pdiparams", broken / "text" / "inference.pdiparams")
     with pytest.raises(ConfigError, match="assets: missing"):
-        extract_split(broken, split, tmp_path / "f", engine="inference", progress=False)
+        extract_split(broken, split, tmp_path / "f", engine="inference", image_batch_size=64, text_batch_size=256, progress=False)
     manifest = json.loads((broken / MANIFEST_FILE).read_text(encoding="utf-8"))
     (broken / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 99}), encoding="utf-8")
     with pytest.raises(ConfigError, match="version 99 is not supported"):
@@ -239,7 +240,7 @@ def test_export_rule_builds_the_deployable_fine_tuned_export(workflow):
     assert (root / "logs/export/demo_tiny/ernie_vil.log").is_file()
     assert (root / "benchmarks/export/demo_tiny/ernie_vil.tsv").is_file()
     # the deployed towers give the fine-tuned model's features
-    family, model, _ = load_dual_encoder(finetuned)
+    family, model, _, _ = load_model_dir(finetuned)
     engine = InferenceEncoder(root / deploy, device="cpu", threads=1)
     transform = family.image_transform(manifest["image_size"], train=False)
     with SplitStore(root / "resources/demo_tiny/lmdb/train") as store:

@@ -11,9 +11,10 @@ from vlretrieval.data.demo import DemoSpec, write_demo_archive
 from vlretrieval.data.download import safe_extract
 from vlretrieval.data.lmdb_store import SplitStore, serialize_split
 from vlretrieval.errors import ConfigError
-from vlretrieval.retrieval.extract import extract_split, feature_paths, load_dual_encoder
+from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
+from vlretrieval.models.base import load_model_dir
+from vlretrieval.retrieval.extract import extract_split, feature_paths
 from vlretrieval.retrieval.features import load_features, read_reference_jsonl
-from vlretrieval.training.finetune import prepare_initial_model, vocab_texts_from_split
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def split_and_model(tmp_path_factory):
 def test_features_cover_the_split_in_store_order_and_are_normalised(split_and_model, tmp_path):
     split, model = split_and_model
     # batch sizes that do not divide the counts, so the last partial batch is exercised
-    summary = extract_split(model, split, tmp_path / "f", image_batch_size=4, text_batch_size=7,
+    summary = extract_split(model, split, tmp_path / "f", engine="dynamic", image_batch_size=4, text_batch_size=7,
                             export_reference=True, progress=False)
     images, texts = (load_features(p) for p in feature_paths(tmp_path / "f"))
     with SplitStore(split) as store:
@@ -48,9 +49,9 @@ def test_features_cover_the_split_in_store_order_and_are_normalised(split_and_mo
 
 def test_features_match_a_direct_forward_pass(split_and_model, tmp_path):
     split, model_dir = split_and_model
-    extract_split(model_dir, split, tmp_path / "f", progress=False)
+    extract_split(model_dir, split, tmp_path / "f", engine="dynamic", image_batch_size=64, text_batch_size=256, progress=False)
     images, texts = (load_features(p) for p in feature_paths(tmp_path / "f"))
-    family, model, tokenizer = load_dual_encoder(model_dir)
+    family, model, tokenizer, _ = load_model_dir(model_dir)
     transform = family.image_transform(model, train=False)
     with SplitStore(split) as store:
         first_image = store.open_image(store.image_ids()[0])
@@ -68,11 +69,11 @@ def test_features_match_a_direct_forward_pass(split_and_model, tmp_path):
 
 def test_context_length_truncates_texts(split_and_model, tmp_path):
     split, model_dir = split_and_model
-    extract_split(model_dir, split, tmp_path / "short", max_len=4, progress=False)
-    extract_split(model_dir, split, tmp_path / "long", max_len=64, progress=False)
+    extract_split(model_dir, split, tmp_path / "short", engine="dynamic", image_batch_size=64, text_batch_size=256, max_len=4, progress=False)
+    extract_split(model_dir, split, tmp_path / "long", engine="dynamic", image_batch_size=64, text_batch_size=256, max_len=64, progress=False)
     with pytest.raises(ConfigError, match="exceeds"):
-        extract_split(model_dir, split, tmp_path / "too_long", max_len=65, progress=False)
-    family, model, tokenizer = load_dual_encoder(model_dir)
+        extract_split(model_dir, split, tmp_path / "too_long", engine="dynamic", image_batch_size=64, text_batch_size=256, max_len=65, progress=False)
+    family, model, tokenizer, _ = load_model_dir(model_dir)
     with SplitStore(split) as store:
         captions = [t.text for t in store.texts()]
     # Texts that share their first two characters must get identical features at length 4
@@ -94,5 +95,5 @@ def test_extraction_refuses_a_directory_that_is_not_a_model(split_and_model, tmp
     split, _ = split_and_model
     (tmp_path / "nomodel").mkdir()
     with pytest.raises(ConfigError, match="not a model directory"):
-        extract_split(tmp_path / "nomodel", split, tmp_path / "f", progress=False)
+        extract_split(tmp_path / "nomodel", split, tmp_path / "f", engine="dynamic", image_batch_size=64, text_batch_size=256, progress=False)
     assert not (tmp_path / "f").exists()

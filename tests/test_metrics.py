@@ -296,10 +296,10 @@ def test_score_prediction_files_end_to_end(tmp_path, texts_jsonl):
                       [[30, 10] + images[3:], [10] + images[3:] + [20], [30] + images[3:] + [10]])
     write_predictions(i2t, IMAGE_TO_TEXT, [10, 30, 20],
                       [[6, 7] + texts[3:], [5, 6] + texts[3:], [6, 5] + texts[3:]])
-    result = score_prediction_files(texts_jsonl, t2i, i2t, image_ids=images, text_ids=texts)
+    result = score_prediction_files(texts_jsonl, t2i, i2t, k=10, image_ids=images, text_ids=texts)
     assert result[TEXT_TO_IMAGE] == pytest.approx(
         {"r1": 100 / 3, "r5": 100 / 3, "r10": 100.0, "mean_recall": (100 / 3 + 100 / 3 + 100) / 3})
     assert result[IMAGE_TO_TEXT]["r1"] == pytest.approx(200 / 3)  # images 30 and 20 hit at rank 1
     assert result[IMAGE_TO_TEXT]["r5"] == 100.0
     with pytest.raises(DataError, match="i2t.jsonl:1 \\(image_id=10\\): text_ids\\[2\\]=100 is not in the gallery"):
-        score_prediction_files(texts_jsonl, t2i, i2t, image_ids=images, text_ids=[5, 6, 7])
+        score_prediction_files(texts_jsonl, t2i, i2t, k=10, image_ids=images, text_ids=[5, 6, 7])

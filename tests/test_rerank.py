@@ -150,8 +150,8 @@ def test_evaluation_protocol_is_recorded_per_kind():
 def test_a_pair_override_replaces_the_first_stage_and_region_models_need_regions():
     from vlretrieval.config import pair_config, required_extra_inputs
 
-    models = {"bridgetower": {"family": "bridgetower", "eval": {"candidates": {"head": "itc", "k": 128}}},
-              "vinvl": {"family": "vinvl", "eval": {}}}
+    models = {"bridgetower": {"family": "bridgetower", "init": "tiny", "eval": {"candidates": {"head": "itc", "k": 128}}},
+              "vinvl": {"family": "vinvl", "init": "tiny", "eval": {}}}
     config = {"pair_overrides": {"d": {"bridgetower": {"eval": {"candidates": {"model": "ernie_vil", "k": 20}}}}}}
     assert pair_config(config, models, "d", "bridgetower")["eval"]["candidates"] == {"model": "ernie_vil", "k": 20}
     assert required_extra_inputs({"regions": {}}, models["vinvl"], "d", "vinvl") == ("regions",)

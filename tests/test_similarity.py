@@ -11,7 +11,8 @@ import pytest
 
 from vlretrieval.data.demo import DemoSpec, generate_samples
 from vlretrieval.errors import ConfigError, DataError
-from vlretrieval.retrieval.extract import load_dual_encoder
+from vlretrieval.models.prepare import prepare_initial_model
+from vlretrieval.models.base import load_model_dir
 from vlretrieval.retrieval.similarity import (
     IMAGE_IMAGE,
     IMAGE_TEXT,
@@ -21,7 +22,6 @@ from vlretrieval.retrieval.similarity import (
     infer_mode,
     main,
 )
-from vlretrieval.training.finetune import prepare_initial_model
 
 from .conftest import BIN, snakemake_env
 
@@ -50,7 +50,7 @@ def test_image_text_probabilities_follow_the_models_own_logits(demo_files):
     np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-6)
 
     # Independently: the model's forward logits, softmaxed over the texts of each image.
-    family, raw_model, tokenizer = load_dual_encoder(model_dir)
+    family, raw_model, tokenizer, _ = load_model_dir(model_dir)
     transform = family.image_transform(raw_model, train=False)
     from PIL import Image
 

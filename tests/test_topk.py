@@ -215,7 +215,7 @@ def test_rank_features_writes_both_directions(tmp_path, feature_files, image_key
 def test_rank_features_k_above_gallery_names_the_file(tmp_path, feature_files):
     _, _, paths = feature_files
     with pytest.raises(DataError, match="image_feats.*need at least 41 gallery items, the file has 40"):
-        rank_features(paths["img_dir"], paths["txt_dir"], tmp_path / "t2i.jsonl", None, k=41)
+        rank_features(paths["img_dir"], paths["txt_dir"], tmp_path / "t2i.jsonl", None, k=41, chunk_size=7)
     assert not (tmp_path / "t2i.jsonl").exists()
 
 

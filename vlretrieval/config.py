@@ -7,28 +7,119 @@ fills in their defaults, so the rest of the code never guesses a missing value.
 from __future__ import annotations
 
 import copy
+import functools
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
 from .errors import ConfigError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "config" / "schemas"
+CONFIG_SCHEMA = "config.schema.yaml"
+DATASETS_SCHEMA = "datasets.schema.yaml"
+MODELS_SCHEMA = "models.schema.yaml"
+
+
+@functools.lru_cache(maxsize=None)
+def load_schema(schema_name: str, schema_dir: Path = SCHEMA_DIR) -> dict[str, Any]:
+    """A schema of ``config/schemas/``, parsed once per process (treat it as read-only)."""
+    path = Path(schema_dir) / schema_name
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read schema: {exc.strerror}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _default_filling_validator(schema_name: str, schema_dir: Path, keys: tuple[str, ...] = ()):
+    # The default-filling extension Snakemake's validate() uses for config.yaml (the jsonschema FAQ
+    # recipe), so registries and config follow the same rules; here defaults are copied, so entries
+    # never share a mutable default, and the validator is built once instead of per entry.
+    from jsonschema import Draft202012Validator, validators
+
+    validate_properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    filling = validators.extend(Draft202012Validator, {"properties": set_defaults})
+    return filling(_subschema(load_schema(schema_name, schema_dir), keys, schema_name))
+
+
+def describe_schema_error(error) -> str:
+    """A validation error as ``dotted.key: problem``; an unknown key is named with the known ones."""
+    location = ".".join(str(part) for part in error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = sorted(error.schema.get("properties", {}))
+        unknown = sorted(key for key in error.instance if key not in known)
+        keys = ", ".join(".".join(filter(None, (location, str(key)))) for key in unknown)
+        return f"{keys}: unknown key; known here: {', '.join(known) or 'none'}"
+    problem = f"{location or '(top level)'}: {error.message}"
+    if error.validator in ("not", "anyOf", "oneOf") and "description" in error.schema:
+        # These messages repeat the subschema instead of the rule; the key's description states it.
+        problem = f"{location or '(top level)'}: {error.instance!r} is not allowed: {error.schema['description']}"
+    return problem
+
+
+def validate_against_schema(obj: Any, schema_name: str, where: str, schema_dir: Path = SCHEMA_DIR,
+                            keys: tuple[str, ...] = ()) -> Any:
+    """A copy of ``obj`` checked against ``schema_name`` (or its part at ``keys``, e.g. ``("eval",)``)
+    with the schema's defaults filled in; a ConfigError naming ``where`` and the offending key otherwise."""
+    from jsonschema.exceptions import best_match
+
+    checked = copy.deepcopy(obj)
+    error = best_match(_default_filling_validator(schema_name, Path(schema_dir), tuple(keys)).iter_errors(checked))
+    if error is not None:
+        raise ConfigError(f"{where}: {describe_schema_error(error)}")
+    return checked
+
+
+def _subschema(schema: dict, keys: Iterable[str], schema_name: str) -> dict:
+    for depth, key in enumerate(keys):
+        try:
+            schema = schema["properties"][key]
+        except KeyError:
+            raise KeyError(f"{schema_name} describes no key {'.'.join(list(keys)[:depth + 1])}") from None
+    return schema
+
+
+def schema_default(schema_name: str, *keys: str) -> Any:
+    """The default the schema gives the key at ``keys`` (e.g. ``MODELS_SCHEMA, "eval", "top_k"``):
+    where command-line tools and library entry points take a default, it comes from here."""
+    subschema = _subschema(load_schema(schema_name), keys, schema_name)
+    if "default" not in subschema:
+        raise KeyError(f"{schema_name} gives {'.'.join(keys)} no default")
+    return copy.deepcopy(subschema["default"])
+
+
+def fill_schema_defaults(obj: dict, schema_name: str, *keys: str) -> dict:
+    """A copy of the mapping ``obj`` (the part of an entry at ``keys``) with the schema's defaults of
+    absent keys filled in, nested mappings included, without validating it: for callers handed a
+    partial block that an already validated entry would have complete."""
+
+    def fill(value: Any, schema: dict) -> Any:
+        if not isinstance(value, dict):
+            return value
+        filled = copy.deepcopy(value)
+        for name, subschema in schema.get("properties", {}).items():
+            if name in filled:
+                filled[name] = fill(filled[name], subschema)
+            elif "default" in subschema:
+                filled[name] = copy.deepcopy(subschema["default"])
+        return filled
+
+    return fill(obj, _subschema(load_schema(schema_name), keys, schema_name))
 
 
 def _validate(obj: dict, schema_name: str, where: str, schema_dir: Path) -> dict:
-    # snakemake's validator is the one the Snakefile uses for config.yaml, so registries and
-    # config follow the same rules, including default filling.
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
-
-    checked = copy.deepcopy(obj)
-    try:
-        validate(checked, str(schema_dir / schema_name), set_default=True)
-    except WorkflowError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return checked
+    return validate_against_schema(obj, schema_name, where, schema_dir)
 
 
 def load_registry(path: str | Path, schema_name: str, schema_dir: Path = SCHEMA_DIR) -> dict[str, dict[str, Any]]:
@@ -50,7 +141,7 @@ def load_registry(path: str | Path, schema_name: str, schema_dir: Path = SCHEMA_
 
 
 def load_datasets(path: str | Path) -> dict[str, dict[str, Any]]:
-    registry = load_registry(path, "datasets.schema.yaml")
+    registry = load_registry(path, DATASETS_SCHEMA)
     for name, entry in registry.items():
         if entry["eval_split"] not in entry["splits"]:
             raise ConfigError(
@@ -65,7 +156,7 @@ def load_datasets(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def load_models(path: str | Path) -> dict[str, dict[str, Any]]:
-    return load_registry(path, "models.schema.yaml")
+    return load_registry(path, MODELS_SCHEMA)
 
 
 def require(registry: dict[str, dict], name: str, kind: str) -> dict:
@@ -92,16 +183,47 @@ def pair_config(config: dict, models: dict[str, dict], dataset: str, model: str)
     """The effective model entry for one (dataset, model) pair.
 
     The registry entry, then ``pair_overrides[dataset]["*"]`` (every model on that dataset), then
-    ``pair_overrides[dataset][model]``.
+    ``pair_overrides[dataset][model]``. Each layer is validated against the model schema as it is
+    applied, so a typo, a value out of range or a key in the wrong place is a ConfigError naming the
+    override and the pair; the result has the schema's defaults filled in.
     """
     effective = require(models, model, "model")
     per_dataset = config.get("pair_overrides", {}).get(dataset, {})
     for key in ("*", model):
-        override = per_dataset.get(key, {})
+        if key not in per_dataset:
+            continue
+        override = per_dataset[key] or {}
+        where = f"config pair_overrides.{dataset}.{key} (pair {dataset}/{model})"
+        if not isinstance(override, dict):
+            raise ConfigError(f"{where}: expected a mapping of model entry keys, got {type(override).__name__}")
         effective = deep_merge(effective, override)
         # A first stage is a dual encoder or the model's own head, never a mix of both entries.
         if "candidates" in override.get("eval", {}):
             effective["eval"]["candidates"] = copy.deepcopy(override["eval"]["candidates"])
+        effective = validate_against_schema(effective, MODELS_SCHEMA, where)
+    return effective
+
+
+def validate_pair_overrides(config: dict, models: dict[str, dict], datasets: dict[str, dict]) -> dict:
+    """Every effective entry ``pair_overrides`` makes, checked before any job runs; returns them as
+    ``{(dataset, model): entry}``.
+
+    A model key is ``"*"`` or a model of the registry. A dataset outside the dataset registry is
+    reported on stderr rather than refused: config files merge key by key, so a run with its own
+    dataset registry still carries the repository's overrides of the demo datasets.
+    """
+    effective = {}
+    for dataset, per_dataset in (config.get("pair_overrides") or {}).items():
+        if dataset not in datasets:
+            print(f"warning: config pair_overrides.{dataset}: {dataset!r} is not in the dataset registry "
+                  f"(known: {', '.join(sorted(datasets))}); its overrides apply to no pair", file=sys.stderr)
+        for key in per_dataset or {}:
+            if key != "*" and key not in models:
+                raise ConfigError(f"config pair_overrides.{dataset}.{key}: unknown model {key!r}; "
+                                  f"known: {', '.join(sorted(models))} (or \"*\" for every model)")
+        names = sorted(models) if "*" in (per_dataset or {}) else sorted(per_dataset or {})
+        for model in names:
+            effective[(dataset, model)] = pair_config(config, models, dataset, model)
     return effective
 
 
@@ -129,13 +251,17 @@ def evaluation_stages(dataset_entry: dict) -> list[str]:
 DOWNLOAD_KEYS = ("files",)
 SOURCE_KEYS = ("format", "root", "split_files", "image_dirs", "max_lines")
 EXTRACTION_KEYS = ("engine", "max_len", "image_batch_size", "text_batch_size")
+# The image step of a url_csv dataset; the region step (an entry without ``regions`` stops that job
+# with a clear error).
+URL_CORPUS_KEYS = ("format", "root", "splits", "url_corpus")
+REGION_KEYS = ("root", "regions")
 
 
 def subset(entry: dict, keys: tuple[str, ...]) -> dict:
     return {key: entry[key] for key in keys if key in entry}
 
 
-CROSS_ENCODER_PROTOCOLS = ("exhaustive", "two_stage")
+CROSS_ENCODER_PROTOCOLS = tuple(_subschema(load_schema(MODELS_SCHEMA), ("eval", "protocol"), MODELS_SCHEMA)["enum"])
 
 
 def required_extra_inputs(dataset_entry: dict, model_entry: dict, dataset: str, model: str) -> tuple[str, ...]:
@@ -168,22 +294,21 @@ def evaluation_protocol(entry: dict, kind: str, stages: list[str], models: dict[
     BridgeTower's ``k_test``). With ``models`` a candidate model is checked to be a dual encoder of
     that registry.
     """
-    evaluation = entry.get("eval", {})
-    top_k = int(evaluation.get("top_k", 10))
+    evaluation = fill_schema_defaults(entry.get("eval", {}), MODELS_SCHEMA, "eval")
+    top_k = int(evaluation["top_k"])
     if kind == "dual_encoder":
         return {"name": "dense", "similarity": "inner product of L2-normalised features", "top_k": top_k}
-    name = evaluation.get("protocol", "exhaustive")
+    name = evaluation["protocol"]
     if name not in CROSS_ENCODER_PROTOCOLS:
         raise ConfigError(f"eval.protocol must be one of {', '.join(CROSS_ENCODER_PROTOCOLS)}, got {name!r}")
     protocol: dict[str, Any] = {"name": name, "score": "cross-encoder ITM match log-odds", "top_k": top_k}
     if name == "two_stage":
         from .models.registry import family_spec
 
-        candidates = dict(evaluation.get("candidates") or {})
+        candidates = fill_schema_defaults(evaluation.get("candidates") or {}, MODELS_SCHEMA, "eval", "candidates")
         if ("model" in candidates) == ("head" in candidates):
             raise ConfigError("eval.protocol two_stage needs either eval.candidates.model (a dual encoder of the "
                               "registry) or eval.candidates.head (the cross encoder's own itc head)")
-        candidates.setdefault("k", 20)
         if int(candidates["k"]) < top_k:
             raise ConfigError(f"eval.candidates.k={candidates['k']} is below top_k={top_k}")
         if "head" in candidates:

@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from vlretrieval.cli import json_arg, run
+from vlretrieval.config import CONFIG_SCHEMA, schema_default
 from vlretrieval.data.download import download_dataset
 
 
@@ -14,8 +15,10 @@ def main(argv=None):
     parser.add_argument("--dest", type=Path, required=True)
     parser.add_argument("--cache-dir", type=Path, required=True, help="fetched files are kept here between runs")
     parser.add_argument("--checksum-dir", type=Path, required=True, help="digests recorded on first download")
-    parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--retries", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=schema_default(CONFIG_SCHEMA, "data", "download_timeout"),
+                        help="seconds per request (default: data.download_timeout of the config schema)")
+    parser.add_argument("--retries", type=int, default=schema_default(CONFIG_SCHEMA, "data", "download_retries"),
+                        help="attempts per file (default: data.download_retries of the config schema)")
     args = parser.parse_args(argv)
     download_dataset(
         args.name,

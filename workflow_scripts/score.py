@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from vlretrieval.cli import json_arg, run
+from vlretrieval.config import MODELS_SCHEMA, schema_default
 from vlretrieval.retrieval.evaluate import write_pair_results
 
 
@@ -21,7 +22,8 @@ def main(argv=None):
     parser.add_argument("--split", required=True)
     parser.add_argument("--split-dir", type=Path, required=True, help="serialized evaluation split (holds texts.jsonl)")
     parser.add_argument("--stage", type=stage_arg, action="append", required=True, help="STAGE=PREDICTIONS_DIR, repeated")
-    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=schema_default(MODELS_SCHEMA, "eval", "top_k"),
+                        help="predictions per query (default: eval.top_k of the model schema)")
     parser.add_argument("--protocol", type=json_arg, default=None, help="how the predictions were made (JSON)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

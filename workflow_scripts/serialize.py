@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from vlretrieval.cli import json_arg, run
+from vlretrieval.config import CONFIG_SCHEMA, schema_default
 from vlretrieval.data.lmdb_store import serialize_split
 
 
@@ -13,7 +14,9 @@ def main(argv=None):
     parser.add_argument("--source", type=Path, required=True, help="the dataset's download directory")
     parser.add_argument("--split", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    parser.add_argument("--on-bad-record", choices=("error", "skip"),
+                        default=schema_default(CONFIG_SCHEMA, "data", "on_bad_record"),
+                        help="stop at a bad record, or skip and report it (default: data.on_bad_record of the config schema)")
     parser.add_argument("--workers", type=int, default=None, help="threads checking images")
     args = parser.parse_args(argv)
     serialize_split(

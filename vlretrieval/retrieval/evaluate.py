@@ -37,7 +37,7 @@ def write_pair_results(
     split: str,
     split_dir: str | os.PathLike,
     stage_predictions: Mapping[str, str | os.PathLike],
-    k: int = 10,
+    k: int,
     protocol: Mapping[str, Any] | None = None,
 ) -> dict:
     """Score every stage's predictions and write the pair's results directory atomically.

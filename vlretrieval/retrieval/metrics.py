@@ -110,7 +110,7 @@ def score_prediction_files(
     t2i_path: str | os.PathLike,
     i2t_path: str | os.PathLike,
     *,
-    k: int = 10,
+    k: int,
     image_ids: Iterable[int] | None = None,
     text_ids: Iterable[int] | None = None,
     allow_extra_queries: bool = False,

@@ -99,7 +99,7 @@ def validate_predictions(
     direction: str,
     gold: Mapping[int, Collection[int]],
     *,
-    k: int | None = 10,
+    k: int | None,
     gallery_ids: Iterable[int] | None = None,
     allow_extra_queries: bool = False,
 ) -> dict[int, list[int]]:

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import MODELS_SCHEMA, schema_default
 from ..errors import DataError
 from .features import FeatureSet, load_any_features
 from .predictions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, write_predictions
@@ -40,10 +41,11 @@ log = logging.getLogger(__name__)
 # 1.5x slower; 256 also keeps the smallest possible score block small.
 PRODUCT_ROWS = 256
 
-# Query rows ranked per selection pass; rounded up to a multiple of PRODUCT_ROWS. Timings from
-# 256 to 4,096 rows were equal within noise at COCO 5K scale, so the default is the smaller
-# block: 20 MB of scores at 5,000 gallery rows, against 500 MB for the full 25,000-query matrix.
-DEFAULT_CHUNK_SIZE = 1024
+# Query rows ranked per selection pass (eval.chunk_size); rounded up to a multiple of
+# PRODUCT_ROWS. Timings from 256 to 4,096 rows were equal within noise at COCO 5K scale, so the
+# default is the smaller block: 20 MB of scores at 5,000 gallery rows, against 500 MB for the full
+# 25,000-query matrix.
+DEFAULT_CHUNK_SIZE = schema_default(MODELS_SCHEMA, "eval", "chunk_size")
 
 # Scores folded into one block maximum before the threshold search. The partition that finds
 # each query's threshold then runs on 1/16 of the scores, while the candidates it leaves
@@ -183,9 +185,9 @@ def rank_features(
     text_feats: str | os.PathLike,
     out_t2i: str | os.PathLike | None,
     out_i2t: str | os.PathLike | None,
-    k: int = 10,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
     *,
+    k: int,
+    chunk_size: int,
     progress: bool = False,
 ) -> dict[str, int]:
     """Write text-to-image and image-to-text top-k prediction files from two feature sets.
@@ -227,9 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="feature directory or reference *.txt_feat.jsonl")
     parser.add_argument("--out-t2i", type=Path, help="text-to-image predictions jsonl to write")
     parser.add_argument("--out-i2t", type=Path, help="image-to-text predictions jsonl to write")
-    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=schema_default(MODELS_SCHEMA, "eval", "top_k"),
+                        help="predictions per query (default: eval.top_k of the model schema)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                        help="query rows ranked per pass (memory is about chunk-size x gallery x 4 bytes)")
+                        help="query rows ranked per pass (memory is about chunk-size x gallery x 4 bytes; "
+                        "default: eval.chunk_size of the model schema)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     if args.out_t2i is None and args.out_i2t is None:
