@@ -14,6 +14,7 @@ DataLoader's workers included) through :func:`shared_store`, never used across a
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -56,6 +57,34 @@ def release_store(split_dir: str | os.PathLike) -> None:
         entry[1].close()
 
 
+def item_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random stream of item ``index`` in ``epoch`` of a run seeded with ``seed``.
+
+    A pure function of the three, so an item is augmented the same whichever process, thread or
+    worker loads it, in whatever order, and a resumed run redraws exactly what an uninterrupted one
+    would have drawn.
+    """
+    words = np.random.SeedSequence([int(seed) & (2**64 - 1), int(epoch), int(index)]).generate_state(2)
+    return random.Random(int(words[0]) << 32 | int(words[1]))
+
+
+class EpochSeededItems:
+    """Datasets whose items draw their randomness (augmentation, negatives) from :func:`item_rng`.
+
+    Training sets the run's seed and each epoch through :meth:`set_epoch` before it loads the
+    epoch's first item; until then items draw from the module-level ``random``.
+    """
+
+    item_seed: int | None = None
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        self.epoch, self.item_seed = int(epoch), int(seed)
+
+    def rng_for(self, index: int):
+        return random if self.item_seed is None else item_rng(self.item_seed, self.epoch, index)
+
+
 TokenizeFn = Callable[[Sequence[str], int], dict]
 
 
@@ -73,7 +102,7 @@ class FamilyTokenizer:
         return get_family(self.family_name).tokenize(self.tokenizer, texts, max_len=max_len)
 
 
-class PairDataset(Dataset):
+class PairDataset(EpochSeededItems, Dataset):
     """Item ``i`` is pair ``i`` of the split: transformed image and truncated caption ids.
 
     Returns a dict with ``pixel_values`` float32 ``[3, H, W]``, ``input_ids`` and ``attention_mask``
@@ -110,7 +139,7 @@ class PairDataset(Dataset):
         mask = encoded["attention_mask"][0]
         length = int(mask.sum())
         return {
-            "pixel_values": self.transform(image),
+            "pixel_values": self.transform(image, self.rng_for(index)),
             "input_ids": encoded["input_ids"][0][:length],
             "attention_mask": mask[:length],
             "image_id": pair.image_id,

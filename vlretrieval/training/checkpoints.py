@@ -3,8 +3,9 @@
 What a run leaves in the work dir (``--output-dir``):
 
 * ``checkpoint-<step>/``: Trainer checkpoints every ``save_steps`` (weights, optimizer, scheduler,
-  RNG, ``trainer_state.json``, tokenizer) plus :data:`CHECKPOINT_MARKER`, written last, which lists
-  the files and sizes. Only checkpoints whose marker matches their files count as complete.
+  ``trainer_state.json``, tokenizer, each rank's random generators ``rng_state.rank<r>.pkl``: see
+  :mod:`vlretrieval.training.random_state`) plus :data:`CHECKPOINT_MARKER`, written last, which
+  lists the files and sizes. Only checkpoints whose marker matches their files count as complete.
 * ``train_log.jsonl``: one JSON object per line, written by rank 0 only. Every record has ``event``,
   ``step`` (global step) and ``time`` (unix seconds):
 
@@ -21,7 +22,8 @@ What a run leaves in the work dir (``--output-dir``):
   another identity discards them (:func:`claim_work_dir`).
 
 A rerun after a kill resumes from the newest complete checkpoint (model, optimizer, scheduler, data
-position and RNG), deletes incomplete ones, and truncates ``train_log.jsonl`` to the resumed step so
+position and every rank's RNG) and ends with the weights an uninterrupted run ends with; it deletes
+incomplete ones, and truncates ``train_log.jsonl`` to the resumed step so
 no step is logged twice.
 """
 

@@ -1,6 +1,7 @@
 """The PaddleNLP Trainer of fine-tuning and its callbacks: the model's own loss (and its parts),
 an optimizer over the trainable parameters only, freezing, learning-rate multipliers per parameter
-group, the metrics log, the temperature clamp and the checkpoint marker."""
+group, data order and random state that survive a resume (:mod:`vlretrieval.training.random_state`),
+the metrics log, the temperature clamp and the checkpoint marker."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
 from .checkpoints import truncate_train_log, write_checkpoint_marker
+from .random_state import (
+    epoch_batch_sampler,
+    rank_random_state_file,
+    restore_rank_random_state,
+    save_rank_random_state,
+)
 
 
 #: Keys of the Trainer's logs that carry a family's loss parts (``training_loss_parts``).
@@ -42,6 +49,25 @@ def _trainer_class():
             self._part_sums: dict[str, float] = {}
             self._part_batches = 0
             self._logged_parts: dict[str, float] | None = None
+
+        def _get_train_sampler(self):
+            # Also with one rank, where paddlenlp's own sampler shuffles from numpy's global state.
+            return epoch_batch_sampler(
+                self.train_dataset,
+                batch_size=self.args.per_device_train_batch_size,
+                num_replicas=self.args.dataset_world_size,
+                rank=self.args.dataset_rank,
+                seed=self.args.seed,
+                accumulation_steps=self.args.gradient_accumulation_steps,
+            )
+
+        def _load_rng_state(self, checkpoint):
+            # paddlenlp restores only once it has skipped a partial epoch, so never on a resume at
+            # an epoch boundary; the callback restores each rank's own file when training starts.
+            # Checkpoints written without those files keep paddlenlp's restore.
+            if checkpoint is None or rank_random_state_file(checkpoint, self.args.process_index).is_file():
+                return
+            super()._load_rng_state(checkpoint)
 
         def compute_loss(self, model, inputs, return_outputs=False):
             output = model(**inputs)
@@ -179,7 +205,8 @@ def _is_world_zero(state) -> bool:
 
 
 def make_callbacks(train_log: Path, *, model_dir: Path, resumed_from: Path | None, run_info: dict[str, Any]):
-    """The callbacks of a fine-tuning run: metrics log, temperature clamp, checkpoint marker."""
+    """The callbacks of a fine-tuning run: metrics log, temperature clamp, per-rank random state,
+    checkpoint marker."""
     import paddle
     import paddle.distributed as dist
 
@@ -262,6 +289,19 @@ def make_callbacks(train_log: Path, *, model_dir: Path, resumed_from: Path | Non
             if model is not None and hasattr(model, "clamp_logit_scale_"):
                 model.clamp_logit_scale_()
 
+    class RankRandomStateCallback(base):
+        """Saves every rank's random generators into each checkpoint and restores them on resume."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Nothing between here and the first resumed step draws from these generators: the
+            # skipped batches and all augmentation draw from per-item streams.
+            if resumed_from is not None:
+                restore_rank_random_state(resumed_from, distributed_world()[0])
+
+        def on_save(self, args, state, control, **kwargs):
+            # Before CheckpointMarkerCallback, whose barrier then covers these files too.
+            save_rank_random_state(Path(args.output_dir) / f"checkpoint-{state.global_step}", distributed_world()[0])
+
     class CheckpointMarkerCallback(base):
         """Writes :data:`CHECKPOINT_MARKER` once every rank has finished saving a checkpoint."""
 
@@ -279,4 +319,4 @@ def make_callbacks(train_log: Path, *, model_dir: Path, resumed_from: Path | Non
             if world > 1:
                 dist.barrier()
 
-    return [JsonlMetricsCallback(), LogitScaleClampCallback(), CheckpointMarkerCallback()]
+    return [JsonlMetricsCallback(), LogitScaleClampCallback(), RankRandomStateCallback(), CheckpointMarkerCallback()]

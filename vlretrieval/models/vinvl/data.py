@@ -26,11 +26,11 @@ from paddle.io import Dataset
 
 from ...data.regions import RegionStore
 from ...errors import DataError
-from ..datasets import release_store, shared_store
+from ..datasets import EpochSeededItems, release_store, shared_store
 from ..registry import get_family
 
 
-class RegionPairDataset(Dataset):
+class RegionPairDataset(EpochSeededItems, Dataset):
     """Item ``i``: pair ``i`` of the split (label 1) and one sampled negative (label 0).
 
     Each example carries its caption and its image's tags as WordPiece ids (no specials) and the
@@ -109,9 +109,9 @@ class RegionPairDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id, caption_position = self._pairs[int(index)]
         examples = [self.positive(index)]
+        rng = self.rng_for(index)
         for _ in range(self.negative_candidates):
-            # The module generator: paddle reseeds it in every DataLoader worker and the Trainer seeds it.
-            negative_caption, negative_image = self.negative_for(image_id, caption_position, random)
+            negative_caption, negative_image = self.negative_for(image_id, caption_position, rng)
             examples.append(self._example(negative_caption, negative_image, 0))
         return {"examples": examples}
 
