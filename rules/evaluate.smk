@@ -1,5 +1,5 @@
 # Evaluation stages: features of the evaluation split and exact top-k ranking (dual encoders) or
-# pair scoring (cross encoders), then recall scoring.
+# pair scoring (cross encoders), then recall scoring with bootstrap intervals.
 
 
 rule extract_features:
@@ -96,6 +96,8 @@ rule score:
         stages=stage_prediction_args,
         top_k=top_k,
         protocol=protocol_arg,
+        resamples=config["evaluation"]["bootstrap"]["resamples"],
+        seed=config["evaluation"]["bootstrap"]["seed"],
     log:
         "logs/score/{dataset}/{model}.log",
     benchmark:
@@ -109,4 +111,5 @@ rule score:
     shell:
         "python {params.script} --dataset {wildcards.dataset} --model {wildcards.model}"
         " --split {params.split} --split-dir {input.split} {params.stages} --top-k {params.top_k}"
-        " --protocol {params.protocol} --out {output} > {log} 2>&1"
+        " --protocol {params.protocol} --bootstrap-resamples {params.resamples}"
+        " --bootstrap-seed {params.seed} --out {output} > {log} 2>&1"

@@ -13,6 +13,8 @@ rule leaderboard:
         md="results/summary.md",
     params:
         script=workflow_script("leaderboard.py"),
+        resamples=config["evaluation"]["bootstrap"]["resamples"],
+        seed=config["evaluation"]["bootstrap"]["seed"],
     log:
         "logs/leaderboard.log",
     benchmark:
@@ -25,7 +27,8 @@ rule leaderboard:
         "../envs/cpu.yaml"
     shell:
         "python {params.script} --results-dir results --reported {input.reported}"
-        " --csv {output.csv} --md {output.md} > {log} 2>&1"
+        " --csv {output.csv} --md {output.md} --resamples {params.resamples} --seed {params.seed}"
+        " > {log} 2>&1"
 
 
 rule recall_curves:
@@ -41,6 +44,8 @@ rule recall_curves:
         ),
     params:
         script=workflow_script("plot_recall.py"),
+        resamples=config["evaluation"]["bootstrap"]["resamples"],
+        seed=config["evaluation"]["bootstrap"]["seed"],
     log:
         "logs/recall_curves/{dataset}/{model}.log",
     benchmark:
@@ -53,7 +58,8 @@ rule recall_curves:
         "../envs/cpu.yaml"
     shell:
         "python {params.script} --results {input.results} --gold {input.split}/texts.jsonl"
-        " --title '{wildcards.dataset} / {wildcards.model}' --out {output} > {log} 2>&1"
+        " --title '{wildcards.dataset} / {wildcards.model}' --resamples {params.resamples}"
+        " --seed {params.seed} --out {output} > {log} 2>&1"
 
 
 rule loss_curve:

@@ -5,7 +5,7 @@ including those inside functions and ``TYPE_CHECKING`` blocks: a deferred import
 modules together. The layers, from the bottom:
 
     base (errors, io, cli, conda_envs, config, the package root, the family registry)
-    <- data <- models <- training, retrieval <- tracking <- pipeline
+    <- data <- models <- training, retrieval <- tracking <- pipeline <- __main__ (the command line)
 
 A module may import its own layer and the layers below; ``training`` and ``retrieval`` are
 siblings and import neither each other. The family registry (``models.registry``) is a base module:
@@ -24,7 +24,7 @@ PACKAGE = "vlretrieval"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 
 BASE = "base"
-LAYER_RANKS = {BASE: 0, "data": 1, "models": 2, "training": 3, "retrieval": 3, "tracking": 4, "pipeline": 5}
+LAYER_RANKS = {BASE: 0, "data": 1, "models": 2, "training": 3, "retrieval": 3, "tracking": 4, "pipeline": 5, "__main__": 6}
 BASE_MODULES = {
     PACKAGE,
     f"{PACKAGE}.errors",

@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from vlretrieval.cli import run
+from vlretrieval.config import CONFIG_SCHEMA, schema_default
 from vlretrieval.tracking.leaderboard import find_metrics, leaderboard_rows, load_reported, write_leaderboard
 
 
@@ -13,8 +14,14 @@ def main(argv=None):
     parser.add_argument("--reported", type=Path, required=True, help="numbers reported elsewhere (YAML)")
     parser.add_argument("--csv", type=Path, required=True)
     parser.add_argument("--md", type=Path, required=True)
+    parser.add_argument("--resamples", type=int,
+                        default=schema_default(CONFIG_SCHEMA, "evaluation", "bootstrap", "resamples"),
+                        help="permutations of the paired tests (default: evaluation.bootstrap.resamples)")
+    parser.add_argument("--seed", type=int, default=schema_default(CONFIG_SCHEMA, "evaluation", "bootstrap", "seed"),
+                        help="seed of the paired tests (default: evaluation.bootstrap.seed)")
     args = parser.parse_args(argv)
-    rows = leaderboard_rows(find_metrics(args.results_dir), load_reported(args.reported))
+    rows = leaderboard_rows(find_metrics(args.results_dir), load_reported(args.reported),
+                            resamples=args.resamples, seed=args.seed)
     write_leaderboard(rows, args.csv, args.md)
     print(f"{len(rows)} rows")
 

@@ -77,7 +77,12 @@ def direction_scores(
     gold: Mapping[int, Collection[int]],
 ) -> dict[str, float]:
     """``{"r1", "r5", "r10", "mean_recall"}`` of one direction, in percent."""
-    ranks = first_hit_ranks(predictions, gold, max(STANDARD_KS))
+    return scores_from_ranks(first_hit_ranks(predictions, gold, max(STANDARD_KS)))
+
+
+def scores_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    """:func:`direction_scores` from the first-hit ranks of its queries (:func:`first_hit_ranks`)."""
+    ranks = np.asarray(ranks)
     # Fractions first and percent last, in the reference's order of operations, so the
     # numbers agree with the reference scorer to the last bit.
     fractions = [float(np.count_nonzero(ranks < k)) / ranks.size for k in STANDARD_KS]
@@ -121,12 +126,37 @@ def score_prediction_files(
     from. ``allow_extra_queries`` admits prediction lines for queries without gold (images no
     text describes), which the reference scorer ignores too. Returns :func:`score_directions`.
     """
-    gold_t2i = read_gold_t2i(texts_jsonl)
+    ranks = prediction_file_ranks(read_gold_t2i(texts_jsonl), t2i_path, i2t_path, k=k, image_ids=image_ids,
+                                  text_ids=text_ids, allow_extra_queries=allow_extra_queries)
+    return scores_from_direction_ranks(ranks)
+
+
+def prediction_file_ranks(
+    gold_t2i: Mapping[int, Collection[int]],
+    t2i_path: str | os.PathLike,
+    i2t_path: str | os.PathLike,
+    *,
+    k: int,
+    image_ids: Iterable[int] | None = None,
+    text_ids: Iterable[int] | None = None,
+    allow_extra_queries: bool = False,
+) -> dict[str, np.ndarray]:
+    """``{direction: first-hit ranks}`` of both prediction files, validated strictly against the gold
+    (as in :func:`score_prediction_files`); ranks follow the gold's query order, misses are 10."""
     t2i = validate_predictions(t2i_path, TEXT_TO_IMAGE, gold_t2i, k=k, gallery_ids=image_ids,
                                allow_extra_queries=allow_extra_queries)
-    i2t = validate_predictions(i2t_path, IMAGE_TO_TEXT, invert_gold(gold_t2i), k=k, gallery_ids=text_ids,
+    gold_i2t = invert_gold(gold_t2i)
+    i2t = validate_predictions(i2t_path, IMAGE_TO_TEXT, gold_i2t, k=k, gallery_ids=text_ids,
                                allow_extra_queries=allow_extra_queries)
-    return score_directions(t2i, i2t, gold_t2i)
+    max_k = max(STANDARD_KS)
+    return {TEXT_TO_IMAGE: first_hit_ranks(t2i, gold_t2i, max_k), IMAGE_TO_TEXT: first_hit_ranks(i2t, gold_i2t, max_k)}
+
+
+def scores_from_direction_ranks(ranks: Mapping[str, np.ndarray]) -> dict:
+    """:func:`score_directions` from ``{direction: first-hit ranks}``."""
+    t2i = scores_from_ranks(ranks[TEXT_TO_IMAGE])
+    i2t = scores_from_ranks(ranks[IMAGE_TO_TEXT])
+    return {TEXT_TO_IMAGE: t2i, IMAGE_TO_TEXT: i2t, "mean_recall": (t2i["mean_recall"] + i2t["mean_recall"]) / 2}
 
 
 def _percent(ranks: np.ndarray, k: int) -> float:

@@ -2,30 +2,46 @@
 
 Where a reported number exists for the same dataset, model, stage and evaluation split
 (``config/reported.yaml``), it is placed beside ours in columns of its own, never mixed into ours.
+
+Every figure of ours comes with its 95% bootstrap interval (``*_ci_low``, ``*_ci_high``). Within each
+dataset, split and stage, the row with the best mean recall is compared with every other row on the
+same queries (paired sign-flip permutation test, :mod:`vlretrieval.retrieval.compare`): ``vs_best_p``
+is the p-value of the difference in mean recall, empty for the best row itself and for rows that
+cannot be paired with it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
-from ..errors import DataError
+from ..config import is_sweep_member
+from ..errors import DataError, VLRetrievalError
 from ..io import atomic_open
+from ..retrieval.compare import compare_stages, load_stage
+from ..retrieval.intervals import OVERALL
 
 DIRECTIONS = (("t2i", "text_to_image"), ("i2t", "image_to_text"))
 KS = (1, 5, 10)
 OUR_COLUMNS = [f"{short}_r{k}" for short, _ in DIRECTIONS for k in KS] + ["t2i_mean_recall", "i2t_mean_recall", "mean_recall"]
+INTERVAL_COLUMNS = [f"{column}_ci_{end}" for column in OUR_COLUMNS for end in ("low", "high")]
 REPORTED_COLUMNS = ["reported_t2i_r1", "reported_i2t_r1", "reported_mean_recall", "reported_source"]
-COLUMNS = ["dataset", "model", "stage", "split", "num_texts", "num_images", *OUR_COLUMNS, *REPORTED_COLUMNS]
+COLUMNS = ["dataset", "model", "stage", "split", "num_texts", "num_images", *OUR_COLUMNS, *INTERVAL_COLUMNS,
+           "vs_best_p", *REPORTED_COLUMNS]
+SIGNIFICANCE = 0.05
+
+_logger = logging.getLogger(__name__)
 
 
 def find_metrics(results_dir: str | os.PathLike) -> list[Path]:
-    """Every ``results/{dataset}/{model}/metrics.json``, sorted."""
-    return sorted(Path(results_dir).glob("*/*/metrics.json"))
+    """Every ``results/{dataset}/{model}/metrics.json`` of a plain pair, sorted; sweep members have
+    their own summaries (``results/sweeps/NAME/``), and one seed of many is not a row to rank."""
+    return sorted(path for path in Path(results_dir).glob("*/*/metrics.json") if not is_sweep_member(path.parent.name))
 
 
 def load_reported(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -48,7 +64,14 @@ def _reported_mean_recall(entry: dict) -> float | None:
     return None
 
 
-def leaderboard_rows(metrics_files: Iterable[str | os.PathLike], reported: list[dict] | None = None) -> list[dict]:
+def _set_interval(row: dict, column: str, interval: list[float] | None) -> None:
+    low, high = interval if interval is not None else (None, None)
+    row[f"{column}_ci_low"], row[f"{column}_ci_high"] = low, high
+
+
+def leaderboard_rows(metrics_files: Iterable[str | os.PathLike], reported: list[dict] | None = None, *,
+                     resamples: int, seed: int) -> list[dict]:
+    """Rows of the leaderboard; ``resamples`` and ``seed`` drive the paired tests against the best row."""
     reported = reported or []
     rows = []
     for path in metrics_files:
@@ -58,12 +81,18 @@ def leaderboard_rows(metrics_files: Iterable[str | os.PathLike], reported: list[
             row: dict[str, Any] = {
                 "dataset": metrics["dataset"], "model": metrics["model"], "stage": stage, "split": metrics["split"],
                 "num_texts": metrics["num_texts"], "num_images": metrics["num_images"],
+                "folder": Path(path).parent / stage,
             }
             for short, direction in DIRECTIONS:
+                intervals = scores[direction].get("ci95", {})
                 for k in KS:
                     row[f"{short}_r{k}"] = scores[direction][f"r{k}"]
+                    _set_interval(row, f"{short}_r{k}", intervals.get(f"r{k}"))
                 row[f"{short}_mean_recall"] = scores[direction]["mean_recall"]
+                _set_interval(row, f"{short}_mean_recall", intervals.get("mean_recall"))
             row["mean_recall"] = scores["mean_recall"]
+            _set_interval(row, "mean_recall", scores.get("ci95_mean_recall"))
+            row["vs_best_p"] = None
             match = next(
                 (r for r in reported
                  if (r["dataset"], r["model"], r["stage"], r["split"]) == (row["dataset"], row["model"], stage, row["split"])),
@@ -75,7 +104,36 @@ def leaderboard_rows(metrics_files: Iterable[str | os.PathLike], reported: list[
             row["reported_source"] = match["source"] if match else None
             rows.append(row)
     rows.sort(key=lambda r: (r["dataset"], r["model"], r["stage"] != "zeroshot", r["stage"]))
+    mark_best(rows, resamples=resamples, seed=seed)
     return rows
+
+
+def mark_best(rows: list[dict], *, resamples: int, seed: int) -> None:
+    """Set ``best`` and ``vs_best_p`` of each row: the best mean recall of its dataset, split and stage,
+    and the paired p-value of each other row against it."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["split"], row["stage"]), []).append(row)
+    for group in groups.values():
+        best = max(group, key=lambda r: r["mean_recall"])
+        for row in group:
+            row["best"] = row is best
+        others = [row for row in group if row is not best]
+        if not others:
+            continue
+        try:
+            best_stage = load_stage(best["folder"])
+        except VLRetrievalError as exc:
+            _logger.warning("no paired tests against %s/%s/%s: %s", best["dataset"], best["model"], best["stage"], exc)
+            continue
+        for row in others:
+            try:
+                report = compare_stages(load_stage(row["folder"]), best_stage, resamples=resamples, seed=seed)
+            except VLRetrievalError as exc:
+                _logger.warning("%s/%s/%s not tested against the best row: %s", row["dataset"], row["model"],
+                                row["stage"], exc)
+                continue
+            row["vs_best_p"] = report["metrics"][OVERALL]["p_value"]
 
 
 def write_leaderboard(rows: list[dict], csv_path: str | os.PathLike, md_path: str | os.PathLike) -> None:
@@ -85,7 +143,7 @@ def write_leaderboard(rows: list[dict], csv_path: str | os.PathLike, md_path: st
     with atomic_open(csv_path) as handle:
         frame.to_csv(handle, index=False, float_format="%.4f")
     with atomic_open(md_path) as handle:
-        handle.write(_markdown(frame))
+        handle.write(_markdown(frame, [bool(row.get("best")) for row in rows]))
 
 
 def _fmt(value: Any) -> str:
@@ -96,22 +154,43 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _markdown(frame) -> str:
-    shown = ["dataset", "model", "stage", "split", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10",
-             "mean_recall", "reported_mean_recall", "reported_source"]
+def _with_interval(record: dict, column: str) -> str:
+    low, high = record[f"{column}_ci_low"], record[f"{column}_ci_high"]
+    if _fmt(low) == "–" or _fmt(high) == "–":
+        return _fmt(record[column])
+    return f"{_fmt(record[column])} [{low:.1f}, {high:.1f}]"
+
+
+def _vs_best(record: dict, best: bool) -> str:
+    if best:
+        return "best"
+    p_value = record["vs_best_p"]
+    if _fmt(p_value) == "–":
+        return "–"
+    return f"{p_value:.3f}" + (" *" if p_value < SIGNIFICANCE else "")
+
+
+def _markdown(frame, best: list[bool]) -> str:
+    shown = ["dataset", "model", "stage", "split", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"]
     header = ["dataset", "model", "stage", "split", "T2I R@1", "T2I R@5", "T2I R@10", "I2T R@1", "I2T R@5",
-              "I2T R@10", "mean recall", "reported mean recall", "reported by"]
+              "I2T R@10", "mean recall [95% CI]", "p vs best", "reported mean recall", "reported by"]
     lines = [
         "# Leaderboard",
         "",
-        "Recall in percent on each dataset's evaluation split. Reported numbers come from the papers and",
-        "model zoos for the same dataset, model, stage and split (config/reported.yaml); they are not ours.",
+        "Recall in percent on each dataset's evaluation split; brackets hold the 95% bootstrap interval over",
+        "queries. \"p vs best\" compares the row's mean recall with the best row of the same dataset, split and",
+        f"stage on the same queries (paired sign-flip permutation test); * marks p < {SIGNIFICANCE}. Reported",
+        "numbers come from the papers and model zoos for the same dataset, model, stage and split",
+        "(config/reported.yaml); they are not ours.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    for record in frame[shown].to_dict("records"):
-        lines.append("| " + " | ".join(_fmt(record[c]) for c in shown) + " |")
+    for record, is_best in zip(frame.to_dict("records"), best):
+        cells = [_fmt(record[c]) for c in shown]
+        cells += [_with_interval(record, "mean_recall"), _vs_best(record, is_best),
+                  _fmt(record["reported_mean_recall"]), _fmt(record["reported_source"])]
+        lines.append("| " + " | ".join(cells) + " |")
     if frame.empty:
         lines.append("| " + " | ".join(["–"] * len(header)) + " |")
     return "\n".join(lines) + "\n"

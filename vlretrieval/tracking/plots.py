@@ -1,13 +1,17 @@
-"""Figures for the Snakemake report: recall@k curves per pair and the fine-tuning loss curve."""
+"""Figures for the Snakemake report: recall@k curves per pair, with their 95% bootstrap bands, and the
+fine-tuning loss curve."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..io import atomic_path
 from ..retrieval.evaluate import I2T_FILE, METRICS_FILE, T2I_FILE
-from ..retrieval.metrics import recall_curve
+from ..retrieval.intervals import recall_curve_interval
+from ..retrieval.metrics import first_hit_ranks
 from ..retrieval.predictions import invert_gold, read_gold_t2i, read_predictions
 
 MAX_K = 10
@@ -22,38 +26,47 @@ def _pyplot():
     return plt
 
 
-def recall_curves(results_dir: str | os.PathLike, gold_texts: str | os.PathLike) -> dict[str, dict[str, list[float]]]:
-    """``{direction: {stage: [R@1, ..., R@10]}}`` recomputed from each stage's predictions."""
+def recall_curves(results_dir: str | os.PathLike, gold_texts: str | os.PathLike, *, resamples: int,
+                  seed: int) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{direction: {stage: {"recall": [R@1, ..., R@10], "ci95_low": [...], "ci95_high": [...]}}}``
+    recomputed from each stage's predictions; the bands are drawn as the intervals of ``metrics.json``."""
     import json
 
     results_dir = Path(results_dir)
     stages = json.loads((results_dir / METRICS_FILE).read_text(encoding="utf-8"))["stages"]
     gold_t2i = read_gold_t2i(gold_texts)
-    gold_i2t = invert_gold(gold_t2i)
-    curves: dict[str, dict[str, list[float]]] = {"text_to_image": {}, "image_to_text": {}}
+    golds = {"text_to_image": (T2I_FILE, gold_t2i), "image_to_text": (I2T_FILE, invert_gold(gold_t2i))}
+    curves: dict[str, dict[str, dict[str, list[float]]]] = {direction: {} for direction in golds}
     for stage in stages:
-        t2i = read_predictions(results_dir / stage / T2I_FILE, "text_to_image")
-        i2t = read_predictions(results_dir / stage / I2T_FILE, "image_to_text")
-        curves["text_to_image"][stage] = recall_curve(t2i, gold_t2i, max_k=MAX_K)
-        curves["image_to_text"][stage] = recall_curve(i2t, gold_i2t, max_k=MAX_K)
+        for direction, (name, gold) in golds.items():
+            ranks = first_hit_ranks(read_predictions(results_dir / stage / name, direction), gold, MAX_K)
+            low, high = recall_curve_interval(ranks, direction, resamples=resamples, seed=seed, max_k=MAX_K)
+            curves[direction][stage] = {
+                "recall": [float(np.count_nonzero(ranks < k)) / ranks.size * 100 for k in range(1, MAX_K + 1)],
+                "ci95_low": low.tolist(),
+                "ci95_high": high.tolist(),
+            }
     return curves
 
 
 def plot_recall_curves(results_dir: str | os.PathLike, gold_texts: str | os.PathLike, out_png: str | os.PathLike,
-                       *, title: str) -> None:
+                       *, title: str, resamples: int, seed: int) -> None:
     plt = _pyplot()
-    curves = recall_curves(results_dir, gold_texts)
+    curves = recall_curves(results_dir, gold_texts, resamples=resamples, seed=seed)
+    ks = range(1, MAX_K + 1)
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for axis, (direction, label) in zip(axes, (("text_to_image", "text → image"), ("image_to_text", "image → text"))):
-        for stage, values in curves[direction].items():
-            axis.plot(range(1, MAX_K + 1), values, marker="o", label=stage)
+        for stage, curve in curves[direction].items():
+            (line,) = axis.plot(ks, curve["recall"], marker="o", label=stage)
+            axis.fill_between(ks, curve["ci95_low"], curve["ci95_high"], color=line.get_color(), alpha=0.2,
+                              linewidth=0)
         axis.set_title(label)
         axis.set_xlabel("k")
         axis.set_xticks(range(1, MAX_K + 1))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("recall@k (%)")
     axes[0].set_ylim(0, 100)
-    axes[1].legend(loc="lower right")
+    axes[1].legend(loc="best", title="shaded: 95% bootstrap interval", title_fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
     with atomic_path(out_png) as tmp:
