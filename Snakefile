@@ -24,6 +24,7 @@ include: "rules/evaluate.smk"
 include: "rules/deploy.smk"
 include: "rules/track.smk"
 include: "rules/report.smk"
+include: "rules/sweep.smk"
 
 
 rule all:

@@ -18,8 +18,10 @@ FINETUNE_THREADS = PIPELINE.finetune_threads
 
 
 wildcard_constraints:
-    dataset="[A-Za-z0-9_]+",
+    # results/sweeps/{sweep} and work/sweeps/{sweep} belong to a sweep, never to a pair.
+    dataset="(?!sweeps/)[A-Za-z0-9_]+",
     model="[A-Za-z0-9_]+",
+    sweep="[A-Za-z][A-Za-z0-9_]*",
     split="train|valid|test",
     stage="zeroshot|finetuned",
 
@@ -120,3 +122,15 @@ def tracking_args(wildcards):
 
 def tracked_config(wildcards):
     return quoted_json(PIPELINE.tracked_config(wildcards.dataset, wildcards.model))
+
+
+def sweep_results(wildcards):
+    return PIPELINE.sweep_results(wildcards.sweep)
+
+
+def sweep_tracking_records(wildcards):
+    return PIPELINE.sweep_tracking_records(wildcards.sweep)
+
+
+def sweep_plan(wildcards):
+    return quoted_json(PIPELINE.sweep_plan(wildcards.sweep))

@@ -15,7 +15,8 @@ rule track:
         experiment=config["tracking"]["experiment"],
         pair_config=tracked_config,
         repo=workflow.basedir,
-        train_log=tracking_args,
+        # the fine-tuning log; a sweep member's tags
+        args=tracking_args,
         artifacts=lambda wildcards, input: " ".join(input.artifacts),
     log:
         "logs/track/{dataset}/{model}.log",
@@ -31,5 +32,5 @@ rule track:
         "python {params.script} --uri '{params.uri}' --experiment {params.experiment}"
         " --dataset {wildcards.dataset} --model {wildcards.model} --results {input.results}"
         " --download {input.download} --validation-report {input.split}/validation_report.json"
-        " --pair-config {params.pair_config} --repo {params.repo} {params.train_log}"
+        " --pair-config {params.pair_config} --repo {params.repo} {params.args}"
         " --artifacts {params.artifacts} --out {output} > {log} 2>&1"

@@ -185,3 +185,62 @@ def test_dry_run_refuses_a_bad_pair_override(workflow, block, message):
 def test_dry_run_names_an_unknown_model_or_dataset(workflow, target, message):
     out = _dry_run_error(workflow, target)
     assert message in out and "MissingInputException" not in out
+
+
+# -- sweeps -------------------------------------------------------------------------------------------
+
+
+def _sweep_pipeline(repo_config, sweeps):
+    from vlretrieval.pipeline import Pipeline
+
+    config = validate_against_schema({**repo_config, "sweeps": sweeps}, CONFIG_SCHEMA, "config")
+    return Pipeline(config, REPO)
+
+
+GOOD_SWEEP = {"pairs": ["demo_cn/ernie_vil"], "seeds": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("sweeps", "message"),
+    [
+        ({"bad-name": GOOD_SWEEP},
+         "config sweeps.bad-name: 'bad-name' is not a valid sweep name: use letters, digits and single underscores"),
+        ({"two__parts": GOOD_SWEEP}, "config sweeps.two__parts: 'two__parts' is not a valid sweep name"),
+        ({"s": {**GOOD_SWEEP, "pairs": ["demo_cn/ernie_vl"]}},
+         "config sweeps.s: pairs: unknown model 'ernie_vl' in pair 'demo_cn/ernie_vl'; known: bert_clip, bridgetower"),
+        ({"s": {**GOOD_SWEEP, "pairs": ["demo_cnn/ernie_vil"]}},
+         "config sweeps.s: pairs: unknown dataset 'demo_cnn' in pair 'demo_cnn/ernie_vil'; known: aic_icc"),
+        ({"s": {**GOOD_SWEEP, "pairs": ["demo_cn"]}}, "config sweeps.s: pairs.0: 'demo_cn' does not match"),
+        ({"s": {**GOOD_SWEEP, "seeds": []}}, "config sweeps.s: seeds: [] should be non-empty"),
+        ({"s": {**GOOD_SWEEP, "seeds": [1, 1]}}, "config sweeps.s: seeds: [1, 1] has non-unique elements"),
+        ({"s": {"pairs": ["demo_cn/ernie_vil"]}}, "config sweeps.s: (top level): 'seeds' is a required property"),
+        ({"s": {**GOOD_SWEEP, "grid": {"train.learnig_rate": [1.0e-4]}}},
+         "config sweeps.s (member ernie_vil__s__g0_s1 of pair demo_cn/ernie_vil): train.learnig_rate: unknown key; "
+         "known here: crop_scale"),
+        ({"s": {**GOOD_SWEEP, "grid": {"train.learning_rate": [1.0e-4, -1]}}},
+         "config sweeps.s (member ernie_vil__s__g1_s1 of pair demo_cn/ernie_vil): train.learning_rate: -1 is less "
+         "than or equal to the minimum of 0"),
+        ({"s": {**GOOD_SWEEP, "grid": {"evl.top_k": [20]}}},
+         "config sweeps.s (member ernie_vil__s__g0_s1 of pair demo_cn/ernie_vil): evl: unknown key"),
+        ({"s": {**GOOD_SWEEP, "grid": {"init.vision": ["openai/clip"]}}},
+         "config sweeps.s (member ernie_vil__s__g0_s1 of pair demo_cn/ernie_vil): grid: init.vision: init is 'tiny' "
+         "here, not a mapping of keys"),
+        ({"s": {**GOOD_SWEEP, "grid": {"train.learning_rate": []}}},
+         "config sweeps.s: grid.train.learning_rate: [] should be non-empty"),
+        ({"s": {**GOOD_SWEEP, "grid": {"train.seed": [1]}}},
+         "config sweeps.s: grid.train.seed: the members' seeds come from seeds, not from the grid"),
+        ({"s": {**GOOD_SWEEP, "seed": [1]}}, "config sweeps.s: seed: unknown key; known here: description, grid"),
+    ],
+)
+def test_a_bad_sweep_is_refused_naming_the_sweep_and_the_key(repo_config, sweeps, message):
+    with pytest.raises(ConfigError) as caught:
+        _sweep_pipeline(repo_config, sweeps)
+    assert str(caught.value).startswith(message)
+
+
+def test_dry_run_refuses_a_bad_sweep(workflow):
+    workflow.write_config({"sweeps": {"lr": {"pairs": ["demo_cn/ernie_vil"], "seeds": [1],
+                                             "grid": {"train.learnig_rate": [1.0e-4]}}}})
+    out = _dry_run_error(workflow)  # the default target: the sweep need not be asked for
+    assert "config sweeps.lr (member ernie_vil__lr__g0_s1 of pair demo_cn/ernie_vil): train.learnig_rate: unknown key" in out
+    assert "Job stats" not in out

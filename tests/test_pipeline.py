@@ -13,7 +13,7 @@ import yaml
 
 from vlretrieval.config import CONFIG_SCHEMA, validate_against_schema
 from vlretrieval.errors import ConfigError
-from vlretrieval.pipeline import Pipeline, quoted_json
+from vlretrieval.pipeline import Pipeline, grid_points, member_model_name, quoted_json
 
 from .conftest import REPO
 
@@ -60,7 +60,9 @@ def test_an_unknown_grid_name_is_refused_when_parsed():
 
 
 def test_model_kinds_and_wildcard_patterns(pipeline):
-    assert pipeline.model_names_pattern("dual_encoder") == "bert_clip|chinese_clip|ernie_vil"
+    # the registry's models and the members of the repository's demo sweep
+    assert pipeline.model_names_pattern("dual_encoder") == (
+        "bert_clip|chinese_clip|ernie_vil|ernie_vil__demo_seeds__s1|ernie_vil__demo_seeds__s2|ernie_vil__demo_seeds__s3")
     assert pipeline.model_names_pattern("cross_encoder") == "bridgetower|vinvl"
     assert pipeline.kind("demo_en", "vinvl") == "cross_encoder" and pipeline.kind("demo_cn", "ernie_vil") == "dual_encoder"
     assert pipeline.finetune_ranks == pipeline.finetune_threads == 2
@@ -180,3 +182,90 @@ def test_tracking_inputs_name_the_benchmarks_of_the_rules_that_ran(pipeline):
     tracked = pipeline.tracked_config("demo_cn", "ernie_vil")
     assert tracked["finetune"] == {"gpus": 0, "cpu_ranks": 2}
     assert tracked["model"]["train"]["learning_rate"] == 5.0e-4 and tracked["model"]["init"] == "tiny"
+
+
+# -- sweeps ------------------------------------------------------------------------------------------
+
+
+def test_the_demo_sweep_expands_into_three_seeded_members(pipeline):
+    members = pipeline.sweep_members("demo_seeds")
+    assert [m.model for m in members] == ["ernie_vil__demo_seeds__s1", "ernie_vil__demo_seeds__s2",
+                                          "ernie_vil__demo_seeds__s3"]
+    assert {m.seed for m in members} == {1, 2, 3}
+    base = pipeline.model_entry("demo_cn", "ernie_vil")
+    for member in members:
+        assert (member.dataset, member.base_model, member.point, member.overrides) == ("demo_cn", "ernie_vil", None, {})
+        assert member.configuration == "demo_cn/ernie_vil"
+        # the pair's effective entry (demo overrides included), only the seed differs
+        entry = pipeline.model_entry("demo_cn", member.model)
+        assert entry["train"]["seed"] == member.seed and base["train"]["seed"] == 1
+        assert {**entry["train"], "seed": 1} == base["train"] and entry["eval"] == base["eval"]
+        assert entry["init"] == "tiny" and entry["train"]["learning_rate"] == 5.0e-4
+        assert pipeline.kind("demo_cn", member.model) == "dual_encoder"
+    assert pipeline.sweep_results("demo_seeds") == [f"results/demo_cn/ernie_vil__demo_seeds__s{s}" for s in (1, 2, 3)]
+    assert pipeline.sweep_tracking_records("demo_seeds")[0] == "work/demo_cn/ernie_vil__demo_seeds__s1/tracking.json"
+    # every rule applies to a member as to a pair, in folders of its own
+    assert pipeline.finetune_inputs("demo_cn", "ernie_vil__demo_seeds__s2")["model"] == (
+        "work/demo_cn/ernie_vil__demo_seeds__s2/models/init")
+    # built by name only: the default targets and the grid are the plain pairs'
+    assert not any("__" in target for target in pipeline.default_targets())
+    # a member exists only on its sweep's dataset
+    with pytest.raises(ConfigError, match="unknown model 'ernie_vil__demo_seeds__s1'"):
+        pipeline.model_entry("demo_en", "ernie_vil__demo_seeds__s1")
+    with pytest.raises(ConfigError, match="unknown sweep 'nope'; known: demo_seeds"):
+        pipeline.sweep_members("nope")
+
+
+def test_a_member_is_tracked_with_its_sweep_tags_and_settings(pipeline):
+    args = pipeline.tracking_args("demo_cn", "ernie_vil__demo_seeds__s2")
+    assert args.startswith("--train-log work/demo_cn/ernie_vil__demo_seeds__s2/train_log.jsonl --tags ")
+    assert json.loads(shlex.split(args)[3]) == {
+        "sweep": "demo_seeds", "sweep_configuration": "demo_cn/ernie_vil", "seed": "2", "base_model": "ernie_vil"}
+    tracked = pipeline.tracked_config("demo_cn", "ernie_vil__demo_seeds__s2")
+    assert tracked["sweep"] == {"sweep": "demo_seeds", "configuration": "demo_cn/ernie_vil", "overrides": {}, "seed": 2}
+    assert tracked["model"]["train"]["seed"] == 2
+    plan = pipeline.sweep_plan("demo_seeds")
+    assert (plan["name"], plan["pairs"], plan["seeds"], plan["grid"]) == ("demo_seeds", ["demo_cn/ernie_vil"], [1, 2, 3], {})
+    assert plan["members"][2] == {
+        "sweep": "demo_seeds", "dataset": "demo_cn", "model": "ernie_vil__demo_seeds__s3", "base_model": "ernie_vil",
+        "configuration": "demo_cn/ernie_vil", "point": None, "overrides": {}, "seed": 3,
+        "results": "results/demo_cn/ernie_vil__demo_seeds__s3", "tracking": "work/demo_cn/ernie_vil__demo_seeds__s3/tracking.json"}
+
+
+def test_a_grid_sweep_covers_the_product_in_written_order():
+    assert grid_points({"a": [1, 2], "b": ["x", "y", "z"]})[:4] == [
+        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 1, "b": "z"}, {"a": 2, "b": "x"}]
+    assert member_model_name("ernie_vil", "lr", 3, 7) == "ernie_vil__lr__g3_s7"
+    sweep = {"pairs": ["demo_cn/ernie_vil", "demo_en/bridgetower"], "seeds": [5, 6],
+             "grid": {"train.learning_rate": [1.0e-4, 2.0e-4], "eval.candidates": [{"head": "itc", "k": 32}]}}
+    pipeline = _pipeline(sweeps={"lr": sweep})
+    members = pipeline.sweep_members("lr")
+    assert len(members) == 2 * 2 * 1 * 2
+    assert [m.model for m in members[:4]] == ["ernie_vil__lr__g0_s5", "ernie_vil__lr__g0_s6",
+                                              "ernie_vil__lr__g1_s5", "ernie_vil__lr__g1_s6"]
+    g1 = pipeline.model_entry("demo_cn", "ernie_vil__lr__g1_s6")
+    assert g1["train"]["learning_rate"] == 2.0e-4 and g1["train"]["seed"] == 6
+    assert g1["train"]["num_train_epochs"] == 5  # the rest of the demo recipe stays
+    assert members[2].configuration == "demo_cn/ernie_vil/g1"
+    assert members[2].overrides == {"train.learning_rate": 2.0e-4, "eval.candidates": {"head": "itc", "k": 32}}
+    # a mapping value replaces the entry's whole mapping (here the demo's {head: itc, k: 16})
+    bridgetower = pipeline.model_entry("demo_en", "bridgetower__lr__g0_s5")
+    assert bridgetower["eval"]["candidates"] == {"head": "itc", "k": 32}
+    assert bridgetower["train"]["max_grad_norm"] == 1.0  # demo_en's bridgetower override is kept
+    assert pipeline.kind("demo_en", "bridgetower__lr__g0_s5") == "cross_encoder"
+    assert "bridgetower__lr__g0_s5" in pipeline.model_names_pattern("cross_encoder").split("|")
+    assert "bridgetower__lr__g0_s5" not in pipeline.model_names_pattern("dual_encoder").split("|")
+
+
+def test_a_run_with_its_own_registry_leaves_out_sweeps_it_cannot_resolve(tmp_path, capsys):
+    registry = yaml.safe_load((REPO / "config" / "datasets.yaml").read_text(encoding="utf-8"))
+    own = tmp_path / "datasets.yaml"
+    own.write_text(yaml.safe_dump({"demo_en": registry["demo_en"]}), encoding="utf-8")
+    # config files merge key by key, so the repository's demo sweep comes along
+    pipeline = _pipeline(datasets_file=str(own), grid={"datasets": ["demo_en"], "models": ["ernie_vil"]},
+                         pair_overrides={})
+    assert "config sweeps.demo_seeds: unknown dataset 'demo_cn' in pair 'demo_cn/ernie_vil'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="sweep 'demo_seeds' is left out of this run: unknown dataset 'demo_cn'"):
+        pipeline.sweep_members("demo_seeds")
+    assert pipeline.model_names_pattern("dual_encoder") == "bert_clip|chinese_clip|ernie_vil"
+

@@ -18,10 +18,12 @@ import pytest
 
 from vlretrieval.errors import DataError
 from vlretrieval.tracking.mlflow_tracking import (
+    EVAL_INTERVAL_KEYS,
     EVAL_METRIC_KEYS,
     MAX_PARAM_VALUE_LENGTH,
     TrackingError,
     flatten_params,
+    read_stage_metrics,
     resolve_tracking_uri,
     track_pair,
 )
@@ -31,17 +33,29 @@ BIN = Path(sys.executable).parent
 EXPERIMENT = "vlretrieval-test"
 STEPS = 30
 
-# Percentages as the scorer writes them, including values a rounding step would change.
+# Percentages as the scorer writes them, including values a rounding step would change, with their
+# 95% intervals.
 STAGE_METRICS = {
     "zeroshot": {
-        "text_to_image": {"r1": 1.0, "r5": 5.0, "r10": 10.0, "mean_recall": 5.333333333333334},
-        "image_to_text": {"r1": 1.0, "r5": 5.0, "r10": 6.0, "mean_recall": 4.0},
+        "text_to_image": {"r1": 1.0, "r5": 5.0, "r10": 10.0, "mean_recall": 5.333333333333334, "queries": 500,
+                          "ci95": {"r1": [0.2, 2.0], "r5": [3.2, 7.0], "r10": [7.4, 12.8],
+                                   "mean_recall": [3.8666666666666667, 6.933333333333334]}},
+        "image_to_text": {"r1": 1.0, "r5": 5.0, "r10": 6.0, "mean_recall": 4.0, "queries": 100,
+                          "ci95": {"r1": [0.0, 3.0], "r5": [1.0, 10.0], "r10": [2.0, 11.0],
+                                   "mean_recall": [1.3333333333333333, 7.333333333333333]}},
         "mean_recall": 4.666666666666667,
+        "ci95_mean_recall": [2.8833333333333333, 6.683333333333334],
     },
     "finetuned": {
-        "text_to_image": {"r1": 22.8, "r5": 83.6, "r10": 96.8, "mean_recall": 67.73333333333333},
-        "image_to_text": {"r1": 25.0, "r5": 56.99999999999999, "r10": 82.0, "mean_recall": 54.666666666666664},
+        "text_to_image": {"r1": 22.8, "r5": 83.6, "r10": 96.8, "mean_recall": 67.73333333333333, "queries": 500,
+                          "ci95": {"r1": [19.2, 26.4], "r5": [80.4, 86.8], "r10": [95.2, 98.2],
+                                   "mean_recall": [65.8, 69.6]}},
+        "image_to_text": {"r1": 25.0, "r5": 56.99999999999999, "r10": 82.0, "mean_recall": 54.666666666666664,
+                          "queries": 100,
+                          "ci95": {"r1": [17.0, 34.0], "r5": [47.0, 67.0], "r10": [74.0, 89.0],
+                                   "mean_recall": [48.0, 61.0]}},
         "mean_recall": 61.2,
+        "ci95_mean_recall": [57.8, 64.56666666666666],
     },
 }
 PARAMS = {
@@ -56,7 +70,9 @@ def expected_metrics(stage_block: dict) -> dict[str, float]:
     for direction, prefix in (("text_to_image", "t2i"), ("image_to_text", "i2t")):
         for key in ("r1", "r5", "r10", "mean_recall"):
             values[f"{prefix}_{key}"] = stage_block[direction][key]
+            values[f"{prefix}_{key}_ci_low"], values[f"{prefix}_{key}_ci_high"] = stage_block[direction]["ci95"][key]
     values["mean_recall"] = stage_block["mean_recall"]
+    values["mean_recall_ci_low"], values["mean_recall_ci_high"] = stage_block["ci95_mean_recall"]
     return values
 
 
@@ -195,7 +211,7 @@ def test_sqlite_tracking_is_complete_and_idempotent(tmp_path):
 
     for stage, block in STAGE_METRICS.items():
         run = runs[first["runs"][stage]]
-        assert set(run.data.metrics) == set(EVAL_METRIC_KEYS)
+        assert set(run.data.metrics) == set(EVAL_METRIC_KEYS) | set(EVAL_INTERVAL_KEYS)
         assert run.data.metrics == expected_metrics(block)  # exact: no rounding on the way
         assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
             "i2t_predictions.jsonl", "metrics.json", "t2i_predictions.jsonl"]
@@ -270,6 +286,26 @@ def test_bad_inputs_fail_before_the_store_is_touched(tmp_path):
     with pytest.raises(DataError, match=r"train_log.jsonl:4: loss_parts.itc must be a number"):
         track_pair(tracking_uri=uri, config_hash="cfg1", **pair)
     assert not (tmp_path / "store").exists()
+
+    pair = make_pair(tmp_path / "interval")
+    metrics = json.loads((pair["results_dir"] / "metrics.json").read_text())
+    metrics["stages"]["finetuned"]["image_to_text"]["ci95"]["r5"] = [47.0]
+    (pair["results_dir"] / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    with pytest.raises(DataError, match=r"stage=finetuned\): image_to_text.ci95.r5 must be a \[low, high\] pair"):
+        track_pair(tracking_uri=uri, config_hash="cfg1", **pair)
+    assert not (tmp_path / "store").exists()
+
+
+def test_metrics_scored_before_intervals_existed_are_read_without_them(tmp_path):
+    pair = make_pair(tmp_path)
+    metrics = json.loads((pair["results_dir"] / "metrics.json").read_text())
+    for block in metrics["stages"].values():
+        block.pop("ci95_mean_recall")
+        for direction in ("text_to_image", "image_to_text"):
+            block[direction].pop("ci95")
+    (pair["results_dir"] / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    stages = read_stage_metrics(pair["results_dir"] / "metrics.json", dataset="demo_cn", model="ernie_vil")
+    assert {stage: set(values) for stage, values in stages.items()} == {stage: set(EVAL_METRIC_KEYS) for stage in stages}
 
 
 def test_sqlite_lock_errors_are_retried_per_call(tmp_path, caplog):

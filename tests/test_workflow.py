@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -159,6 +161,13 @@ def _check_pair_metrics(workdir, dataset: str, model: str, *, num_images: int = 
         assert scores["mean_recall"] == pytest.approx(
             (scores["text_to_image"]["mean_recall"] + scores["image_to_text"]["mean_recall"]) / 2
         )
+        # Every figure carries its 95% bootstrap interval over the direction's queries.
+        for direction, gold in (("text_to_image", gold_t2i), ("image_to_text", gold_i2t)):
+            assert scores[direction]["queries"] == len(gold)
+            for name, (low, high) in scores[direction]["ci95"].items():
+                assert low <= scores[direction][name] <= high
+        low, high = scores["ci95_mean_recall"]
+        assert low <= scores["mean_recall"] <= high
 
     if quality_bar:
         zeroshot = metrics["stages"]["zeroshot"]["mean_recall"]
@@ -218,6 +227,8 @@ def test_demo_grid_end_to_end_meets_quality_bar(workflow):
                 assert run.data.metrics["t2i_r1"] == scores["text_to_image"]["r1"]
                 assert run.data.metrics["i2t_mean_recall"] == scores["image_to_text"]["mean_recall"]
                 assert run.data.metrics["mean_recall"] == scores["mean_recall"]
+                assert [run.data.metrics[f"mean_recall_ci_{end}"] for end in ("low", "high")] == scores["ci95_mean_recall"]
+                assert run.data.metrics["t2i_r1_ci_low"] == scores["text_to_image"]["ci95"]["r1"][0]
         steps = _read_jsonl(workflow.workdir / f"work/{dataset}/{model}/train_log.jsonl")
         losses = [row["loss"] for row in steps if row.get("event") == "train"]
         assert len(losses) > 40 and all(loss == loss for loss in losses)  # no NaN
@@ -237,8 +248,23 @@ def test_demo_grid_end_to_end_meets_quality_bar(workflow):
         (d, m, stage) for d, m in grid for stage in ("zeroshot", "finetuned")
     )
     for row in rows:
-        expected = metrics[(row["dataset"], row["model"])]["stages"][row["stage"]]["mean_recall"]
-        assert float(row["mean_recall"]) == pytest.approx(expected, abs=1e-4)
+        expected = metrics[(row["dataset"], row["model"])]["stages"][row["stage"]]
+        assert float(row["mean_recall"]) == pytest.approx(expected["mean_recall"], abs=1e-4)
+        assert [float(row[f"mean_recall_ci_{end}"]) for end in ("low", "high")] == pytest.approx(
+            expected["ci95_mean_recall"], abs=1e-4)
+    # One best row per dataset, split and stage; every other row has a paired p-value against it.
+    for dataset in {d for d, _ in grid}:
+        for stage in ("zeroshot", "finetuned"):
+            group = [r for r in rows if (r["dataset"], r["stage"]) == (dataset, stage)]
+            assert sum(r["vs_best_p"] == "" for r in group) == 1
+            assert all(0 < float(r["vs_best_p"]) <= 1 for r in group if r["vs_best_p"] != "")
+    dataset, model = grid[0]
+    compared = workflow.workdir / "compare.json"
+    subprocess.run([sys.executable, "-m", "vlretrieval", "compare", f"results/{dataset}/{model}/zeroshot",
+                    f"results/{dataset}/{model}/finetuned", "--json", str(compared)],
+                   cwd=workflow.workdir, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, timeout=300)
+    mean_recall = json.loads(compared.read_text())["metrics"]["mean_recall"]
+    assert mean_recall["diff"] > 0 and mean_recall["p_value"] < 0.01
     for dataset, model in grid:
         for figure in ("recall_at_k.png", "train_loss.png"):
             assert (workflow.workdir / "results" / "figures" / dataset / model / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -16,10 +16,21 @@ import yaml
 
 from .errors import ConfigError
 
+#: Joins the parts of a sweep member's model name (MODEL__SWEEP__s1); sweep and model names have no
+#: double underscore of their own, so a model name with one is a member.
+SWEEP_MEMBER_SEPARATOR = "__"
+
+
+def is_sweep_member(model_name: str) -> bool:
+    """True for the model name of a sweep member (see :func:`vlretrieval.pipeline.member_model_name`)."""
+    return SWEEP_MEMBER_SEPARATOR in model_name
+
+
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "config" / "schemas"
 CONFIG_SCHEMA = "config.schema.yaml"
 DATASETS_SCHEMA = "datasets.schema.yaml"
 MODELS_SCHEMA = "models.schema.yaml"
+SWEEP_SCHEMA = "sweep.schema.yaml"
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,6 +213,23 @@ def pair_config(config: dict, models: dict[str, dict], dataset: str, model: str)
             effective["eval"]["candidates"] = copy.deepcopy(override["eval"]["candidates"])
         effective = validate_against_schema(effective, MODELS_SCHEMA, where)
     return effective
+
+
+def set_dotted_key(entry: dict, dotted: str, value: Any, where: str) -> None:
+    """Set ``entry[a][b][c] = value`` for ``dotted`` ``"a.b.c"``, creating missing mappings on the way.
+
+    The value replaces what is there, a mapping included; whether the key exists is for the schema
+    to say afterwards. A step through something that is not a mapping is a ConfigError naming ``where``.
+    """
+    *parents, leaf = dotted.split(".")
+    node = entry
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {dotted}: {'.'.join(parents[:depth + 1])} is {child!r} here, "
+                              f"not a mapping of keys")
+        node = child
+    node[leaf] = copy.deepcopy(value)
 
 
 def validate_pair_overrides(config: dict, models: dict[str, dict], datasets: dict[str, dict]) -> dict:

@@ -1,6 +1,10 @@
 """What the workflow's rules need computed: the registries and pair entries of a run, file paths,
 input sets, and the command-line arguments of each step.
 
+Sweeps expand here too: each (pair, grid point, seed) of a sweep becomes a member, a derived model
+entry under a model name of its own (``ernie_vil__demo_seeds__s1``), which every rule takes as it
+takes a pair.
+
 The rules (``rules/*.smk``) stay declarative and call these through thin input functions. The
 Snakefile is parsed by every job, so nothing here may import paddle: model families are known by
 :func:`vlretrieval.models.registry.family_spec` (kind and extra inputs) without importing them.
@@ -8,16 +12,25 @@ Snakefile is parsed by every job, so nothing here may import paddle: model famil
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
+import re
 import shlex
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import (
+    CONFIG_SCHEMA,
     DOWNLOAD_KEYS,
     EXTRACTION_KEYS,
+    MODELS_SCHEMA,
     REGION_KEYS,
     SOURCE_KEYS,
+    SWEEP_SCHEMA,
+    SWEEP_MEMBER_SEPARATOR,
     URL_CORPUS_KEYS,
     configured_pairs,
     evaluation_protocol,
@@ -28,7 +41,10 @@ from .config import (
     pair_config,
     require,
     required_extra_inputs,
+    schema_default,
+    set_dotted_key,
     subset,
+    validate_against_schema,
     validate_pair_overrides,
 )
 from .errors import ConfigError
@@ -47,6 +63,135 @@ def quoted_json(obj: Any) -> str:
 def stage_model_name(stage: str) -> str:
     """The model directory a stage evaluates: the initial model for zero-shot, else the fine-tuned one."""
     return "init" if stage == "zeroshot" else "finetuned"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sweeps: each (pair, grid point, seed) becomes a member, a derived model entry with a model name of
+# its own, so every rule applies to it unchanged and it gets work/ and results/ folders of its own.
+# ---------------------------------------------------------------------------------------------------
+
+# Letters, digits and single underscores: the double underscore then only ever separates the parts
+# of a member's name (MODEL__SWEEP__s1).
+SWEEP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*(_[A-Za-z0-9]+)*$")
+# The folder of the sweep summaries, results/sweeps/NAME, so no dataset may have this name.
+SWEEPS_FOLDER = "sweeps"
+
+
+def member_model_name(model: str, sweep: str, point: int | None, seed: int) -> str:
+    """``ernie_vil__demo_seeds__s1``, or with a grid ``ernie_vil__lr__g0_s1`` (grid point 0, seed 1)."""
+    point_part = "" if point is None else f"g{point}_"
+    return SWEEP_MEMBER_SEPARATOR.join((model, sweep, f"{point_part}s{seed}"))
+
+
+@dataclass(frozen=True)
+class SweepMember:
+    """One run of a sweep: a pair's effective model entry with a grid point's overrides and a seed."""
+
+    sweep: str
+    dataset: str
+    base_model: str
+    point: int | None  # index into the grid's cartesian product; None for a sweep without a grid
+    overrides: dict[str, Any]  # dotted key -> value
+    seed: int
+    entry: dict = field(repr=False, compare=False)
+
+    @property
+    def model(self) -> str:
+        return member_model_name(self.base_model, self.sweep, self.point, self.seed)
+
+    @property
+    def configuration(self) -> str:
+        """What the seeds repeat: the pair, and the grid point when there is a grid."""
+        pair = f"{self.dataset}/{self.base_model}"
+        return pair if self.point is None else f"{pair}/g{self.point}"
+
+    @property
+    def results_dir(self) -> str:
+        return f"results/{self.dataset}/{self.model}"
+
+    @property
+    def tracking_record(self) -> str:
+        return f"work/{self.dataset}/{self.model}/tracking.json"
+
+    def describe(self) -> dict[str, Any]:
+        """The member as the sweep scripts and the tracked config see it (JSON)."""
+        return {
+            "sweep": self.sweep, "dataset": self.dataset, "model": self.model, "base_model": self.base_model,
+            "configuration": self.configuration, "point": self.point, "overrides": copy.deepcopy(self.overrides),
+            "seed": self.seed, "results": self.results_dir, "tracking": self.tracking_record,
+        }
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags of the member's runs, so a search such as ``tags.sweep = 'NAME'`` lines them up."""
+        return {"sweep": self.sweep, "sweep_configuration": self.configuration, "seed": str(self.seed),
+                "base_model": self.base_model}
+
+
+def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """The cartesian product of the grid's value lists, keys in the order written, the last fastest."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def expand_sweep(name: str, spec: Any, pair_entry: Callable[[str, str], dict]) -> list[SweepMember]:
+    """The members of the sweep ``name``, each entry validated against the models schema.
+
+    ``spec`` is the sweep's config (sweep.schema.yaml); ``pair_entry(dataset, model)`` gives a pair's
+    effective entry (registry entry and pair_overrides). The pairs' names are checked by the caller.
+    """
+    where = f"config sweeps.{name}"
+    if not SWEEP_NAME.match(str(name)):
+        raise ConfigError(f"{where}: {name!r} is not a valid sweep name: use letters, digits and single "
+                          f"underscores, starting with a letter (members are named MODEL__{name}__s<seed>)")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping with pairs, seeds and optionally grid, "
+                          f"got {type(spec).__name__}")
+    spec = validate_against_schema(spec, SWEEP_SCHEMA, where)
+    if "train.seed" in spec["grid"]:
+        raise ConfigError(f"{where}: grid.train.seed: the members' seeds come from seeds, not from the grid")
+    points = grid_points(spec["grid"]) if spec["grid"] else [{}]
+    members = []
+    for pair in spec["pairs"]:
+        dataset, model = pair.split("/")
+        base = pair_entry(dataset, model)
+        for index, overrides in enumerate(points):
+            point = index if spec["grid"] else None
+            for seed in spec["seeds"]:
+                member_name = member_model_name(model, name, point, seed)
+                member_where = f"{where} (member {member_name} of pair {pair})"
+                entry = copy.deepcopy(base)
+                for key, value in overrides.items():
+                    set_dotted_key(entry, key, value, f"{member_where}: grid")
+                entry.setdefault("train", {})["seed"] = seed
+                entry = validate_against_schema(entry, MODELS_SCHEMA, member_where)
+                members.append(SweepMember(name, dataset, model, point, overrides, seed, entry))
+    return members
+
+
+def expand_sweeps(config: dict, datasets: dict[str, dict], models: dict[str, dict],
+                  pair_entry: Callable[[str, str], dict], *, own_registries: bool) -> tuple[dict, dict]:
+    """Every sweep of ``config``: ``({name: [SweepMember]}, {name: why it is left out})``.
+
+    A pair outside the registries is an error, except in a run with registries of its own
+    (``own_registries``): config files merge key by key, so such a run still carries the repository's
+    sweeps, and one naming a dataset or model it does not have is left out with a warning instead.
+    """
+    sweeps: dict[str, list[SweepMember]] = {}
+    left_out: dict[str, str] = {}
+    for name, spec in (config.get("sweeps") or {}).items():
+        unknown = []
+        for pair in (spec or {}).get("pairs", []) if isinstance(spec, dict) else []:
+            dataset, _, model = str(pair).partition("/")
+            for kind, registry, value in (("dataset", datasets, dataset), ("model", models, model)):
+                if model and value not in registry:
+                    unknown.append(f"unknown {kind} {value!r} in pair {pair!r}; known: {', '.join(sorted(registry))}")
+        if unknown and own_registries and SWEEP_NAME.match(str(name)):
+            left_out[name] = unknown[0]
+            print(f"warning: config sweeps.{name}: {unknown[0]}; the sweep is left out of this run", file=sys.stderr)
+            continue
+        if unknown:
+            raise ConfigError(f"config sweeps.{name}: pairs: {unknown[0]}")
+        sweeps[name] = expand_sweep(name, spec, pair_entry)
+    return sweeps, left_out
 
 
 class Pipeline:
@@ -68,6 +213,18 @@ class Pipeline:
             require(self.datasets, name, "dataset")
         for name in dict.fromkeys(model for _, model in self.grid):
             require(self.models, name, "model")
+        if SWEEPS_FOLDER in self.datasets:
+            raise ConfigError(f"dataset name {SWEEPS_FOLDER!r} is reserved: results/{SWEEPS_FOLDER}/ holds the sweeps")
+        self.sweeps, self._left_out_sweeps = expand_sweeps(
+            config, self.datasets, self.models, self.model_entry, own_registries=self._own_registries())
+        self._members: dict[tuple[str, str], SweepMember] = {}
+        for members in self.sweeps.values():
+            for member in members:
+                if member.model in self.models or (member.dataset, member.model) in self._members:
+                    raise ConfigError(f"config sweeps.{member.sweep}: member name {member.model!r} is taken "
+                                      f"by another model or sweep member on {member.dataset}")
+                self._members[(member.dataset, member.model)] = member
+                self._entries[(member.dataset, member.model)] = member.entry
 
     # ---------------------------------------------------------------------------------------------
     # Registries and pair entries
@@ -94,8 +251,17 @@ class Pipeline:
         return family_spec(self.model_entry(dataset, model)["family"]).kind
 
     def model_names_pattern(self, kind: str) -> str:
-        """A wildcard regex of the registry's models of ``kind``: which rules rank a pair depends on it."""
-        return model_names_pattern(self.models, kind)
+        """A wildcard regex of the models of ``kind``, sweep members included: which rules rank a pair
+        depends on it."""
+        members = {member.model: member.entry for member in self._members.values()}
+        return model_names_pattern({**self.models, **members}, kind)
+
+    def _own_registries(self) -> bool:
+        """Whether this run reads registries other than the repository's (see expand_sweeps)."""
+        return any(
+            self.workflow_path(self.config[key]).resolve() != self.workflow_path(schema_default(CONFIG_SCHEMA, key)).resolve()
+            for key in ("datasets_file", "models_file")
+        )
 
     def stages(self, dataset: str) -> list[str]:
         return evaluation_stages(self.dataset_entry(dataset))
@@ -299,16 +465,25 @@ class Pipeline:
         return inputs
 
     def tracking_args(self, dataset: str, model: str) -> str:
+        """The fine-tuning log, and for a sweep member the tags that line its runs up with the sweep."""
         inputs = self.tracking_inputs(dataset, model)
-        return f"--train-log {inputs['train_log']}" if "train_log" in inputs else ""
+        args = [f"--train-log {inputs['train_log']}"] if "train_log" in inputs else []
+        member = self._members.get((dataset, model))
+        if member is not None:
+            args.append(f"--tags {quoted_json(member.tags())}")
+        return " ".join(args)
 
     def tracked_config(self, dataset: str, model: str) -> dict:
         """The effective configuration of a pair, as logged with its runs."""
-        return {
+        tracked = {
             "dataset": self.dataset_entry(dataset),
             "model": self.model_entry(dataset, model),
             "finetune": self.config["finetune"],
         }
+        member = self._members.get((dataset, model))
+        if member is not None:
+            tracked["sweep"] = {key: member.describe()[key] for key in ("sweep", "configuration", "overrides", "seed")}
+        return tracked
 
     def grid_results(self) -> list[str]:
         return [f"results/{dataset}/{model}" for dataset, model in self.grid]
@@ -325,3 +500,27 @@ class Pipeline:
             targets += self.pair_figures(dataset, model)
             targets.append(f"work/{dataset}/{model}/tracking.json")
         return targets
+
+    # ---------------------------------------------------------------------------------------------
+    # Sweeps (built by name, never part of the default targets)
+    # ---------------------------------------------------------------------------------------------
+
+    def sweep_members(self, sweep: str) -> list[SweepMember]:
+        if sweep in self._left_out_sweeps:
+            raise ConfigError(f"sweep {sweep!r} is left out of this run: {self._left_out_sweeps[sweep]}")
+        return require(self.sweeps, sweep, "sweep")
+
+    def sweep_member(self, dataset: str, model: str) -> SweepMember | None:
+        return self._members.get((dataset, model))
+
+    def sweep_results(self, sweep: str) -> list[str]:
+        return [member.results_dir for member in self.sweep_members(sweep)]
+
+    def sweep_tracking_records(self, sweep: str) -> list[str]:
+        return [member.tracking_record for member in self.sweep_members(sweep)]
+
+    def sweep_plan(self, sweep: str) -> dict[str, Any]:
+        """What the sweep's scripts read: its settings and every member with its folders."""
+        spec = validate_against_schema(self.config["sweeps"][sweep], SWEEP_SCHEMA, f"config sweeps.{sweep}")
+        return {"name": sweep, **spec, "members": [member.describe() for member in self.sweep_members(sweep)]}
+

@@ -22,6 +22,7 @@ def main(argv=None):
     parser.add_argument("--repo", type=Path, required=True, help="the workflow's directory, for its git commit")
     parser.add_argument("--train-log", type=Path)
     parser.add_argument("--artifacts", type=Path, nargs="*", default=[])
+    parser.add_argument("--tags", type=json_arg, default={}, help="JSON: tags for every run of the pair (a sweep member's)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     runs = track_pair(
@@ -37,6 +38,7 @@ def main(argv=None):
         train_log=args.train_log,
         validation_report=args.validation_report,
         artifact_files=args.artifacts,
+        extra_tags=args.tags,
     )
     write_json(args.out, runs)
 

@@ -7,11 +7,14 @@ Layout of what :func:`track_pair` writes into an experiment::
     ├── {dataset}/{model}/finetune    stage=finetune   params, train_loss / learning_rate /
     │                                                  logit_scale per step (and train_loss_<part>
     │                                                  for a loss of parts), throughput, train_log.jsonl
-    ├── {dataset}/{model}/zeroshot    stage=zeroshot   params, recall metrics, metrics.json, predictions
+    ├── {dataset}/{model}/zeroshot    stage=zeroshot   params, recall metrics (with <name>_ci_low and
+    │                                                  <name>_ci_high), metrics.json, predictions
     └── {dataset}/{model}/finetuned   stage=finetuned  (same as zeroshot)
 
 Every run carries the tags ``dataset``, ``model``, ``stage``, ``config_hash``, ``git_commit`` and
 ``dataset_checksum``; children also carry ``mlflow.parentRunId``, which is what makes MLflow nest them.
+A sweep member is tracked as a pair (its model is the member's name) with the sweep's tags added;
+:func:`vlretrieval.tracking.sweeps.track_sweep` later nests its pair run under the sweep's parent run.
 
 Tracking is idempotent. A run is found again by its tags (dataset, model, stage, config hash and, for a
 child, its parent), so re-running updates the same runs: only params that are missing are logged
@@ -66,6 +69,8 @@ _TRUNCATION_MARK = "...[truncated]"
 _DIRECTIONS = (("text_to_image", "t2i"), ("image_to_text", "i2t"))
 _RECALL_KEYS = ("r1", "r5", "r10", "mean_recall")
 EVAL_METRIC_KEYS = tuple(f"{p}_{k}" for _, p in _DIRECTIONS for k in _RECALL_KEYS) + ("mean_recall",)
+# Ends of each figure's 95% interval (metrics.json "ci95"), logged when the scorer recorded them.
+EVAL_INTERVAL_KEYS = tuple(f"{key}_ci_{end}" for key in EVAL_METRIC_KEYS for end in ("low", "high"))
 
 # Per-step curves of the finetune run: metric name -> field of a train record.
 _STEP_METRICS = (("train_loss", "loss"), ("learning_rate", "lr"), ("logit_scale", "logit_scale"))
@@ -186,8 +191,15 @@ def _number(value: Any, where: str, what: str) -> float:
     return float(value)
 
 
+def _interval(value: Any, where: str, what: str, name: str) -> dict[str, float]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise DataError(where, f"{what} must be a [low, high] pair, found {value!r}")
+    return {f"{name}_ci_low": _number(value[0], where, what), f"{name}_ci_high": _number(value[1], where, what)}
+
+
 def read_stage_metrics(metrics_path: Path, *, dataset: str, model: str) -> dict[str, dict[str, float]]:
-    """``{stage: {t2i_r1: ..., mean_recall: ...}}`` from a pair's ``metrics.json``, values unrounded."""
+    """``{stage: {t2i_r1: ..., mean_recall: ...}}`` from a pair's ``metrics.json``, values unrounded, with
+    ``t2i_r1_ci_low``, ``t2i_r1_ci_high``, ... ``mean_recall_ci_high`` where it records intervals."""
     where = str(metrics_path)
     try:
         with open(metrics_path, "r", encoding="utf-8") as handle:
@@ -216,9 +228,15 @@ def read_stage_metrics(metrics_path: Path, *, dataset: str, model: str) -> dict[
                 if key not in recall:
                     raise DataError(where, f'"{direction}" has no "{key}"', record=f"stage={stage}")
                 values[f"{prefix}_{key}"] = _number(recall[key], f"{where} (stage={stage})", f"{direction}.{key}")
+                if "ci95" in recall:
+                    values.update(_interval(recall["ci95"].get(key), f"{where} (stage={stage})",
+                                            f"{direction}.ci95.{key}", f"{prefix}_{key}"))
         if "mean_recall" not in block:
             raise DataError(where, 'missing "mean_recall"', record=f"stage={stage}")
         values["mean_recall"] = _number(block["mean_recall"], f"{where} (stage={stage})", "mean_recall")
+        if "ci95_mean_recall" in block:
+            values.update(_interval(block["ci95_mean_recall"], f"{where} (stage={stage})", "ci95_mean_recall",
+                                    "mean_recall"))
         stages[str(stage)] = values
     return stages
 
@@ -487,24 +505,28 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 
 class _PairTracker:
+    """Finds or creates the runs of one tracked unit (a pair, or a sweep's parent) by their identity
+    tags, and logs into them idempotently."""
+
     def __init__(self, store: _Store, experiment_id: str, *, base_tags: dict[str, str], params: dict[str, str],
-                 run_prefix: str):
+                 run_prefix: str, identity_tags: Sequence[str] = IDENTITY_TAGS):
         self.store = store
         self.client = store.client
         self.experiment_id = experiment_id
         self.base_tags = base_tags
         self.params = params
         self.run_prefix = run_prefix
+        self.identity_tags = tuple(identity_tags)
         self.touched: list[str] = []
 
     # -- finding or creating runs ------------------------------------------------------------------
 
-    def run(self, stage: str, parent_id: str | None):
+    def run(self, stage: str, parent_id: str | None, run_name: str | None = None):
         from mlflow.entities import ViewType
         from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
         identity = dict(self.base_tags, stage=stage)
-        clauses = [f"tags.{key} = '{identity[key]}'" for key in IDENTITY_TAGS]
+        clauses = [f"tags.{key} = '{identity[key]}'" for key in self.identity_tags]
         if parent_id is not None:
             clauses.append(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'")
         found = self.store.call(
@@ -523,7 +545,7 @@ class _PairTracker:
                 tags[MLFLOW_PARENT_RUN_ID] = parent_id
             if identity.get("git_commit"):
                 tags[MLFLOW_GIT_COMMIT] = identity["git_commit"]
-            name = self.run_prefix if stage == PAIR_STAGE else f"{self.run_prefix}/{stage}"
+            name = run_name or (self.run_prefix if stage == PAIR_STAGE else f"{self.run_prefix}/{stage}")
             run = self.store.call(f"create the {stage} run", self.client.create_run,
                                   self.experiment_id, tags=tags, run_name=name)
         self.touched.append(run.info.run_id)
@@ -648,9 +670,13 @@ def track_pair(
     train_log: Path | None,
     validation_report: Path | None,
     artifact_files: list[Path],
+    extra_tags: Mapping[str, str] | None = None,
     retries: int = 8,
 ) -> dict:
     """Create or update the MLflow runs of one (dataset, model) pair; see the module docstring.
+
+    ``extra_tags`` go on every run of the pair without being part of its identity (a sweep member's
+    ``sweep``, ``sweep_configuration``, ``seed`` and ``base_model``).
 
     Returns ``{"experiment_id", "parent_run_id", "runs": {stage: run_id}, "missing_artifacts": [...]}``,
     where ``missing_artifacts`` lists entries of ``artifact_files`` that did not exist (they are skipped
@@ -669,6 +695,10 @@ def track_pair(
         "git_commit": str(git_commit or ""),
         "dataset_checksum": str(dataset_checksum or ""),
     }
+    for key, value in (extra_tags or {}).items():
+        if key in base_tags or key == "stage":
+            raise TrackingError(f"extra tag {key!r} would replace a tag that identifies the pair's runs")
+        base_tags[_check_filter_value(f"tag {key}", key)] = _check_filter_value(f"tag {key}", str(value))
 
     # Everything is read and checked first, so a bad input never leaves half-updated runs behind.
     metrics_path = results_dir / METRICS_FILE
