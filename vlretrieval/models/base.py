@@ -262,8 +262,20 @@ class ModelFamily:
         return Path(out_dir)
 
     def model_info(self, model: Any, tokenizer: Any) -> dict[str, Any]:
-        """What later stages read from the saved directory's :data:`MODEL_INFO_FILE` about ``model``."""
-        raise NotImplementedError
+        """What later stages read from the saved directory's :data:`MODEL_INFO_FILE` about ``model``.
+
+        This default serves the dual encoders, whose paddlenlp configs hold a ``text_config``; a family
+        adds its own keys to it or, for another kind of model, replaces it.
+        """
+        max_text_len = int(model.config.text_config.max_position_embeddings)
+        return {
+            "image_size": self.image_size(model),
+            "embedding_dim": model.embedding_dim,
+            "vocab_size": int(model.config.text_config.vocab_size),
+            "train_max_len": self.train_max_len,
+            "eval_max_len": min(self.eval_max_len, max_text_len),
+            "max_text_len": max_text_len,
+        }
 
     def write_model_info(self, out_dir: str | os.PathLike, info: dict[str, Any]) -> None:
         write_json(Path(out_dir) / MODEL_INFO_FILE, {"family": self.name, "kind": self.kind, **info})

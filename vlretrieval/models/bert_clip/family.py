@@ -106,16 +106,7 @@ class BertCLIPFamily(ModelFamily):
         return model, tokenizer
 
     def model_info(self, model: Any, tokenizer: Any) -> dict[str, Any]:
-        max_text_len = int(model.config.text_config.max_position_embeddings)
-        return {
-            "image_size": self.image_size(model),
-            "embedding_dim": model.embedding_dim,
-            "vocab_size": int(model.config.text_config.vocab_size),
-            "lock_image_tower": bool(model.image_tower_locked),
-            "train_max_len": self.train_max_len,
-            "eval_max_len": min(self.eval_max_len, max_text_len),
-            "max_text_len": max_text_len,
-        }
+        return {**super().model_info(model, tokenizer), "lock_image_tower": bool(model.image_tower_locked)}
 
 
 def _copy_state(target: nn.Layer, source: nn.Layer, where: str) -> None:

@@ -35,17 +35,7 @@ class ChineseCLIPFamily(ModelFamily):
         return tiny_config(tokenizer.vocab_size, **overrides)
 
     def model_info(self, model: Any, tokenizer: Any) -> dict[str, Any]:
-        max_text_len = int(model.config.text_config.max_position_embeddings)
-        return {
-            "image_size": self.image_size(model),
-            "embedding_dim": model.embedding_dim,
-            "vocab_size": int(model.config.text_config.vocab_size),
-            "train_max_len": self.train_max_len,
-            "eval_max_len": min(self.eval_max_len, max_text_len),
-            "max_text_len": max_text_len,
-            "image_mean": list(CLIP_MEAN),
-            "image_std": list(CLIP_STD),
-        }
+        return {**super().model_info(model, tokenizer), "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
 
     def normalise_text(self, text: str) -> str:
         return str(text).translate(_QUOTES)

@@ -22,17 +22,6 @@ class ErnieViLFamily(ModelFamily):
     def tiny_config(self, tokenizer: Any, **overrides: Any):
         return tiny_config(tokenizer.vocab_size, **overrides)
 
-    def model_info(self, model: Any, tokenizer: Any) -> dict[str, Any]:
-        max_text_len = int(model.config.text_config.max_position_embeddings)
-        return {
-            "image_size": self.image_size(model),
-            "embedding_dim": model.embedding_dim,
-            "vocab_size": int(model.config.text_config.vocab_size),
-            "train_max_len": self.train_max_len,
-            "eval_max_len": min(self.eval_max_len, max_text_len),
-            "max_text_len": max_text_len,
-        }
-
 
 FAMILY = register_family(
     ErnieViLFamily(
