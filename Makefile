@@ -19,8 +19,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip check
 	touch $@
 
+# The run ends on its results: the leaderboard in short and where to look next.
 demo: setup
 	$(BIN)/snakemake --profile profiles/default --cores $(CORES)
+	@$(BIN)/python -m vlretrieval overview
 
 # Test-only pins (torch CPU, transformers) for the weight-converter tests, on top of setup.
 setup-test: $(VENV)/.installed-test

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from .cli import run
-from .config import CONFIG_SCHEMA, schema_default
+from .config import CONFIG_SCHEMA, schema_default, workflow_config
 
 
 def compare_command(args: argparse.Namespace) -> None:
@@ -20,6 +20,15 @@ def compare_command(args: argparse.Namespace) -> None:
     print(format_report(report))
     if args.json is not None:
         write_json(args.json, report)
+
+
+def overview_command(args: argparse.Namespace) -> None:
+    import os
+
+    from .tracking.overview import overview
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or args.uri or workflow_config()["tracking"]["uri"]
+    print(overview(args.results, uri))
 
 
 def main(argv=None):
@@ -39,6 +48,15 @@ def main(argv=None):
     compare.add_argument("--seed", type=int, default=schema_default(CONFIG_SCHEMA, "evaluation", "bootstrap", "seed"),
                          help="seed of the draws (default: evaluation.bootstrap.seed)")
     compare.set_defaults(handler=compare_command)
+
+    summary = commands.add_parser(
+        "overview", help="the leaderboard in short and where to look next (runs, report, figures)",
+        description="Printed at the end of `make demo`: each stage's mean recall with its interval, then the "
+                    "commands that open the MLflow runs, the report and the figures.")
+    summary.add_argument("--results", type=Path, default=Path("results"), help="the workflow's results folder")
+    summary.add_argument("--uri", default=None,
+                         help="tracking URI (default: MLFLOW_TRACKING_URI, else tracking.uri of config/config.yaml)")
+    summary.set_defaults(handler=overview_command)
 
     args = parser.parse_args(argv)
     args.handler(args)

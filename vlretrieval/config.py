@@ -151,6 +151,22 @@ def load_registry(path: str | Path, schema_name: str, schema_dir: Path = SCHEMA_
     }
 
 
+WORKFLOW_CONFIG = SCHEMA_DIR.parent / "config.yaml"
+
+
+def workflow_config(path: str | Path = WORKFLOW_CONFIG) -> dict[str, Any]:
+    """The workflow's config file (the repository's by default), validated, with the schema's defaults."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return _validate(data, CONFIG_SCHEMA, str(path), SCHEMA_DIR)
+
+
 def load_datasets(path: str | Path) -> dict[str, dict[str, Any]]:
     registry = load_registry(path, DATASETS_SCHEMA)
     for name, entry in registry.items():
