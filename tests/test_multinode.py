@@ -133,12 +133,13 @@ def test_slurm_job_of_several_nodes():
     assert plan.hosts == ("gpu07", "gpu08", "gpu11")
     assert plan.master == f"gpu07:{SLURM_MASTER_PORT_BASE + 4242}"
     assert plan.job_id == "vlretrieval-4242"
-    # SLURM_NNODES when SLURM_JOB_NUM_NODES is absent; an explicit port wins.
-    env = _slurm_env()
-    del env["SLURM_JOB_NUM_NODES"]
-    env["SLURM_NNODES"] = "3"
+    # In the batch script (no step variables) SLURM_NNODES and SLURM_NODELIST are the job's and
+    # stand in for the job variables; an explicit port wins.
+    env = _slurm_env(SLURM_NNODES="3", SLURM_NODELIST="gpu[07-08,11]")
+    del env["SLURM_JOB_NUM_NODES"], env["SLURM_JOB_NODELIST"]
     plan = resolve_launch_plan(env, gpus=0, cpu_ranks=2, master_port=12345)
-    assert (plan.nnodes, plan.nproc_per_node, plan.master) == (3, 2, "gpu07:12345")
+    assert (plan.nnodes, plan.nproc_per_node, plan.master, plan.inside_step) == (3, 2, "gpu07:12345", False)
+    assert "--overlap" not in slurm_launch_command(plan, "logs", [], master="10.1.2.3:5000", python="py", environ=env)
 
 
 def test_slurm_single_node_job_is_a_single_node_plan():
@@ -146,11 +147,54 @@ def test_slurm_single_node_job_is_a_single_node_plan():
     assert plan == LaunchPlan(nproc_per_node=2, use_gpu=False)
 
 
-def test_slurm_several_nodes_inside_a_one_node_step_is_an_error():
-    # The executor plugin runs a job without the mpi resource inside `srun -n1`, one node only.
-    env = _slurm_env(SLURM_STEP_ID="0", SLURM_STEP_NUM_NODES="1")
-    with pytest.raises(ConfigError, match="resource mpi"):
+# What a command sees inside `srun -n1` (the executor plugin's step for a job without the mpi
+# resource) on the first node of a two-node job: the step variables say one node and one task.
+# (A real step of SLURM 22.05 under the plugin's stripped environment sets SLURM_JOB_NODELIST but
+# not SLURM_JOB_NUM_NODES; both cases are below.)
+TWO_NODE_JOB_FROM_A_ONE_TASK_STEP = {
+    "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
+    "SLURM_NNODES": "1", "SLURM_NODELIST": "node1", "SLURM_NTASKS": "1", "SLURM_NPROCS": "1",
+    "SLURM_STEP_ID": "0", "SLURM_STEPID": "0", "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NODELIST": "node1",
+    "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "1",
+    "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURMD_NODENAME": "node1",
+    "SLURM_CPUS_PER_TASK": "4",
+}
+
+
+def test_two_node_job_seen_from_a_one_task_step_is_a_two_node_plan(tmp_path):
+    env = dict(TWO_NODE_JOB_FROM_A_ONE_TASK_STEP)
+    plan = resolve_launch_plan(env, gpus=0, cpu_ranks=2)
+    assert (plan.slurm, plan.inside_step, plan.nnodes, plan.nproc_per_node, plan.world_size) == (True, True, 2, 2, 4)
+    assert plan.hosts == ("node1", "node2")
+    assert plan.master == f"node1:{SLURM_MASTER_PORT_BASE + 4242}"
+    # The srun that starts both nodes' launchers shares the CPUs the enclosing step holds.
+    cmd = slurm_launch_command(plan, tmp_path, [], master="10.1.2.3:5000", python="py", environ=env)
+    assert cmd[:8] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                       "--cpu-bind=none", "--overlap", "--cpus-per-task=4"]
+    assert "--nnodes 2 --master 10.1.2.3:5000" in cmd[-1]
+    # The job's node list alone is enough: its length is the node count, whatever SLURM_NNODES says.
+    del env["SLURM_JOB_NUM_NODES"]
+    assert resolve_launch_plan(env, gpus=0, cpu_ranks=2) == plan
+    # With the job variables gone and nothing to restore them, the step's one node is not taken
+    # for the job's: the plan is refused, naming what it saw.
+    del env["SLURM_JOB_NODELIST"]
+    with pytest.raises(ConfigError, match=r"inside a SLURM job step.*SLURM_NNODES=1, SLURM_NODELIST=node1.*"
+                                          r"SLURM_JOB_NUM_NODES and SLURM_JOB_NODELIST are not set"):
         resolve_launch_plan(env, gpus=0, cpu_ranks=2)
+    # Nor is a step's node list taken for the job's.
+    env["SLURM_JOB_NUM_NODES"] = "2"
+    with pytest.raises(ConfigError, match=r"SLURM_JOB_NODELIST is not set in a SLURM job of 2 nodes \(inside a job step"):
+        resolve_launch_plan(env, gpus=0, cpu_ranks=2)
+
+
+def test_one_node_job_stays_one_node_in_a_step_and_in_the_batch_script():
+    step = {**TWO_NODE_JOB_FROM_A_ONE_TASK_STEP, "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1"}
+    assert resolve_launch_plan(step, gpus=0, cpu_ranks=2) == LaunchPlan(nproc_per_node=2, use_gpu=False)
+    batch = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_NODELIST": "node1", "SLURM_NTASKS": "1"}
+    assert resolve_launch_plan(batch, gpus=0, cpu_ranks=2) == LaunchPlan(nproc_per_node=2, use_gpu=False)
+    # A job whose variables disagree is refused rather than run on one node.
+    with pytest.raises(ConfigError, match="names 2 hosts, the job has 1 nodes"):
+        resolve_launch_plan({**step, "SLURM_JOB_NODELIST": "node[1-2]"}, gpus=0, cpu_ranks=2)
     with pytest.raises(ConfigError, match="names 2 hosts, the job has 3 nodes"):
         resolve_launch_plan(_slurm_env(SLURM_JOB_NODELIST="gpu[07-08]"), gpus=0, cpu_ranks=2)
 

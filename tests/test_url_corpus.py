@@ -252,17 +252,23 @@ def test_download_filter_and_convert(site, corpus):
     good0 = [t for t in all_texts if t["image_ids"] == [image_id["good0.jpg"]]]
     assert [t["text"] for t in good0] == ["第0张好图", "第0张好图的第二条描述"]
 
-    # Splits: the kept images ranked by the hash of their file name, test and valid first.
-    expected_split = dict(zip(image_id, assign_splits([n if n in kept else None for n in image_id],
-                                                      ["train", "valid", "test"], {"test": 3, "valid": 2})))
+    # Splits: every file name of the CSV ranked by its hash, test and valid first; a dropped image
+    # leaves a gap in its split and is listed with it.
+    expected_split = dict(zip(image_id, assign_splits(list(image_id), ["train", "valid", "test"],
+                                                      {"test": 3, "valid": 2})))
     for split in ("train", "valid", "test"):
         images, _texts = read_split(corpus["out"], split)
         assert {name for name, i in image_id.items() if i in images} == {
             name for name in kept if expected_split[name] == split
         }
-    assert {s: (v["requested"], v["images"]) for s, v in report["splits"].items()} == {
-        "train": (None, 5), "valid": (2, 2), "test": (3, 3)
+    assert {d["filename"]: d["split"] for d in dropped} == {name: expected_split[name] for name in DROPPED_BY_NAME}
+    assert {s: (v["requested"], v["images"], v["missing_images"]) for s, v in report["splits"].items()} == {
+        split: (requested,
+                sum(1 for name in kept if expected_split[name] == split),
+                sum(1 for name in DROPPED_BY_NAME if expected_split[name] == split))
+        for split, requested in (("train", None), ("valid", 2), ("test", 3))
     }
+    assert report["splits"]["test"]["images"] + report["splits"]["test"]["missing_images"] == 3
 
     assert report["rows"] == {"read": 18, "kept": 11, "dropped": 7, "unassigned": 0,
                               "dropped_by_category": {"download_failed": 2, "gif": 1, "not_image": 1, "corrupt": 1,
@@ -463,6 +469,57 @@ def test_missing_csv_and_bad_settings(tmp_path):
     with pytest.raises(ConfigError, match=r"needs a url_corpus mapping"):
         build_url_corpus({"format": "url_csv", "splits": ["test"]}, tmp_path / "download", tmp_path / "raw",
                          cache_dir=tmp_path / "c")
+
+
+def _membership(out: Path) -> dict[int, str]:
+    """image id -> split, over the images the build wrote."""
+    return {image_id: split for split in ("train", "valid", "test") for image_id in read_split(out, split)[0]}
+
+
+def test_split_membership_follows_from_the_csv_alone(site, tmp_path):
+    names = [f"photo{i:02d}.jpg" for i in range(30)]
+    images = {name: make_image("JPEG", (20, 20), 200 + i) for i, name in enumerate(names)}
+    source = tmp_path / "download"
+    write_csv(source / "corpus.csv", [[f"第{i}张", site.url(f"/img/{name}"), name] for i, name in enumerate(names)])
+    sizes = {"test": 6, "valid": 4}
+    entry = url_entry(split_sizes=sizes)
+    reference = dict(zip(names, assign_splits(names, ["train", "valid", "test"], sizes)))
+    by_split = {split: [name for name in names if reference[name] == split] for split in ("test", "valid", "train")}
+    # Two runs that lose different images, among them held-out ones that a ranking of only the
+    # images that arrived would refill from the next split.
+    failing = {
+        "first": {*by_split["test"][:2], by_split["valid"][0], by_split["train"][0]},
+        "second": {by_split["test"][2], *by_split["valid"][1:3], *by_split["train"][1:3]},
+    }
+    assert not failing["first"] & failing["second"]
+
+    memberships, reports = {}, {}
+    for run in ("first", "second", "none"):
+        site.routes.clear()
+        for name in names:
+            if name not in failing.get(run, ()):
+                site.image(f"/img/{name}", images[name])
+        out = tmp_path / f"raw_{run}"
+        reports[run] = build_url_corpus(entry, source, out, cache_dir=tmp_path / f"cache_{run}")
+        memberships[run] = _membership(out)
+        # Every failed image is reported, named, with its reason and the split it is missing from.
+        dropped = read_dropped(out)
+        assert {d["filename"]: (d["split"], d["category"]) for d in dropped} == {
+            name: (reference[name], "download_failed") for name in failing.get(run, ())}
+        assert all("HTTP 404" in d["reason"] for d in dropped)
+        for split in ("test", "valid", "train"):
+            lost = sum(1 for name in failing.get(run, ()) if reference[name] == split)
+            assert reports[run]["splits"][split]["missing_images"] == lost
+            assert reports[run]["splits"][split]["images"] == len(by_split[split]) - lost
+
+    # Image ids are CSV positions, so the same id is the same image in every run.
+    expected = {names.index(name): split for name, split in reference.items()}
+    assert memberships["none"] == expected
+    for run in ("first", "second"):
+        assert memberships[run] == {i: split for i, split in expected.items() if names[i] not in failing[run]}
+    both = memberships["first"].keys() & memberships["second"].keys()
+    assert len(both) == len(names) - 9
+    assert {i: memberships["first"][i] for i in both} == {i: memberships["second"][i] for i in both}
 
 
 def test_every_image_dropped_is_an_error_naming_the_split(site, tmp_path):

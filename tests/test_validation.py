@@ -313,7 +313,9 @@ def test_helpers() -> None:
     png = make_image("PNG", (4, 3), 0)
     assert decode_base64(b64(png)) == (png, None)
     assert decode_base64("")[1] == "empty base64 payload"
-    assert "invalid base64" in decode_base64("abc")[1]  # bad padding
+    assert "invalid base64" in decode_base64("abcde")[1]  # no base64 has this length
+    assert "invalid base64" in decode_base64("ab=")[1]  # padding to no multiple of 4
+    assert decode_base64("abc") == decode_base64("abc=") == (b"i\xb7", None)  # padded or not
     assert "invalid base64" in decode_base64(b64(png)[:8] + "\n" + b64(png)[8:])[1]  # no line breaks
     assert check_image_bytes(png) is None
     assert "smaller than" in check_image_bytes(png, min_image_side=4)

@@ -2,7 +2,9 @@
 
 A split is two files:
 
-* ``{split}_imgs.tsv``: one ``image_id<TAB>base64(image bytes)`` line per image;
+* ``{split}_imgs.tsv``: one ``image_id<TAB>base64(image bytes)`` line per image, in the standard or
+  the URL-safe alphabet (the reference readers' ``urlsafe_b64decode`` takes both), padded or not
+  (:mod:`vlretrieval.data.base64_payload`); written here in the standard alphabet, padded;
 * ``{split}_texts.jsonl``: one ``{"text_id": int, "text": str, "image_ids": [int, ...]}`` line per text.
 
 Reading here is lexical only: it yields fields with their line numbers and leaves judging them

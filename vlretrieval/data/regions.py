@@ -40,8 +40,6 @@ per-split file a row for an image outside the split is a bad record under ``on_b
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import os
@@ -55,6 +53,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..io import atomic_directory, write_json
+from .base64_payload import Base64PayloadError, decode_base64_payload
 from .importers import parse_int_id
 from .lmdb_store import _MIN_MAP_SIZE, SplitStore, _LmdbWriter
 from .validation import POLICIES
@@ -203,8 +202,8 @@ def decode_features(row: FeatureRow, feature_dim: int = FEATURE_DIM) -> tuple[np
     if num_boxes is None or num_boxes < 0:
         return None, f"num_boxes {row.num_boxes[:40]!r} is not a non-negative integer"
     try:
-        data = base64.b64decode(row.payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
+        data = decode_base64_payload(row.payload)  # an empty payload is the features of no boxes
+    except Base64PayloadError as exc:
         return None, f"features are not valid base64 ({exc})"
     if len(data) % _FEATURE_DTYPE.itemsize:
         return None, f"features are {len(data)} bytes, not a whole number of float32 values"

@@ -21,7 +21,6 @@ kept image bytes:
 
 from __future__ import annotations
 
-import binascii
 import collections
 import functools
 import hashlib
@@ -34,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 from PIL import Image
 
 from ..errors import DataError
+from .base64_payload import decode_base64
 from .importers import SourceImage, SourceSplit, SourceText, parse_int_id
 
 POLICIES = ("error", "skip")
@@ -161,19 +161,6 @@ def check_image_bytes(data: bytes, min_image_side: int = 1) -> str | None:
     except Exception as exc:  # Pillow reports damage with many exception types
         return f"image cannot be decoded ({type(exc).__name__}: {exc})"
     return None
-
-
-def decode_base64(payload: str | bytes) -> tuple[bytes | None, str | None]:
-    """Strictly decode a base64 payload: ``(bytes, None)`` or ``(None, reason)``."""
-    if not payload:
-        return None, "empty base64 payload"
-    try:
-        data = binascii.a2b_base64(payload, strict_mode=True)
-    except (binascii.Error, ValueError) as exc:
-        return None, f"invalid base64 ({exc})"
-    if not data:
-        return None, "base64 payload decodes to no bytes"
-    return data, None
 
 
 def _digest(data: bytes) -> bytes:
@@ -305,9 +292,10 @@ def validate_split(
 ) -> tuple[Iterator[ImageRecord], list[TextRecord], ValidationReport]:
     """Validate every record of ``source`` and return ``(images, texts, report)``.
 
-    Checks, in this order: images (reader-detected defects, integer id, duplicate id, strict
-    base64, decodable image of at least ``min_image_side`` pixels per side), then texts (JSON,
-    required fields and their types, non-empty text, duplicate text id, existing images).
+    Checks, in this order: images (reader-detected defects, integer id, duplicate id, base64 in
+    the standard or URL-safe alphabet, padded or not (:mod:`~vlretrieval.data.base64_payload`),
+    decodable image of at least ``min_image_side`` pixels per side), then texts (JSON, required
+    fields and their types, non-empty text, duplicate text id, existing images).
     Duplicates keep the first record. ``images`` is a single-use iterator over the kept images
     in source order, read again from the source; ``texts`` and ``report`` are complete when
     this returns.

@@ -3,9 +3,10 @@
 :func:`resolve_launch_plan` decides the ranks: one per GPU the node shows (``CUDA_VISIBLE_DEVICES``
 or SLURM's GPU variables) or the configured CPU ranks, and the nodes. On several nodes every node
 runs its own launcher with ``--nnodes N --master IP:PORT --rank NODE``; in a SLURM job of several
-nodes the batch step starts them all with one ``srun``
-(:func:`~vlretrieval.training.launcher.slurm_launch_command`), and by hand each node is started with
-its own node rank. SLURM host lists and ``scontrol`` output are parsed here too.
+nodes the process on the first node (the batch script, or a one-node step inside the job) starts
+them all with one ``srun`` (:func:`~vlretrieval.training.launcher.slurm_launch_command`), and by
+hand each node is started with its own node rank. The nodes are the job's allocation
+(``SLURM_JOB_*``), never a step's. SLURM host lists and ``scontrol`` output are parsed here too.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ class LaunchPlan:
 
     ``devices`` are the GPU labels of this node (empty on CPU). With several nodes, ``master`` is the
     rendezvous ``host:port`` (node 0's), ``node_rank`` this node's index, and ``slurm`` says that
-    this process runs in the SLURM batch step on the first node and starts every node's launcher
-    itself with ``srun`` (``node_rank`` is then each node's ``SLURM_NODEID``).
+    this process runs in the SLURM job on the first node and starts every node's launcher itself
+    with ``srun`` (``node_rank`` is then each node's ``SLURM_NODEID``); ``inside_step`` that it
+    runs inside a job step (``srun -n1``) rather than in the batch script, so that ``srun`` must
+    share the resources the enclosing step holds.
     """
 
     nproc_per_node: int
@@ -39,11 +42,18 @@ class LaunchPlan:
     hosts: tuple[str, ...] = ()
     slurm: bool = False
     job_id: str | None = None
+    inside_step: bool = False
 
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
 
+
+#: Variables SLURM sets in a job step (what ``srun`` starts). Inside one, ``SLURM_NNODES``,
+#: ``SLURM_NODELIST`` and ``SLURM_NTASKS`` describe the step, not the job: an ``srun -n1`` step
+#: of a two-node job says one node. Only ``SLURM_JOB_*`` describe the job's allocation there.
+SLURM_STEP_MARKERS = ("SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_NODES", "SLURM_STEP_NODELIST",
+                      "SLURM_STEP_NUM_TASKS")
 
 #: Default rendezvous port of a multi-node SLURM job: this plus the job id modulo 20000, so jobs
 #: that share a first node are unlikely to collide and every node computes the same port.
@@ -166,7 +176,9 @@ def complete_slurm_environ(environ: Mapping[str, str]) -> dict[str, str]:
     """
     env = dict(environ)
     job_id = env.get("SLURM_JOB_ID")
-    if not job_id or (env.get("SLURM_JOB_NODELIST") and (env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES"))):
+    # The job's node list alone gives its nodes; SLURM_NNODES is no substitute, since inside a
+    # step it counts the step's nodes.
+    if not job_id or env.get("SLURM_JOB_NODELIST"):
         return env
     scontrol = shutil.which("scontrol")
     if scontrol is None:
@@ -174,22 +186,58 @@ def complete_slurm_environ(environ: Mapping[str, str]) -> dict[str, str]:
     try:
         out = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        print(f"SLURM job {job_id}: scontrol failed ({exc}); assuming one node", file=sys.stderr)
+        print(f"SLURM job {job_id}: scontrol failed ({exc})", file=sys.stderr)
         return env
     if out.returncode != 0:
-        print(f"SLURM job {job_id}: scontrol failed ({out.stderr.strip()}); assuming one node", file=sys.stderr)
+        print(f"SLURM job {job_id}: scontrol failed ({out.stderr.strip()})", file=sys.stderr)
         return env
     for key, value in parse_scontrol_job(out.stdout).items():
         env.setdefault(key, value)
     return env
 
 
-def _slurm_nnodes(environ: Mapping[str, str]) -> int:
-    for name in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
-        value = _int_or_none(environ.get(name))
-        if value is not None:
-            return value
-    return 1
+def in_slurm_step(environ: Mapping[str, str]) -> bool:
+    """Whether this process runs inside a SLURM job step (see :data:`SLURM_STEP_MARKERS`)."""
+    return any(environ.get(name, "").strip() for name in SLURM_STEP_MARKERS)
+
+
+def _slurm_job_nodes(environ: Mapping[str, str], inside_step: bool) -> tuple[int, tuple[str, ...] | None]:
+    """The number of nodes of the SLURM job and their host names (``None`` when unknown).
+
+    Read from the job's own variables: ``SLURM_JOB_NUM_NODES`` and ``SLURM_JOB_NODELIST``. Only
+    in the batch script, where they describe the job too, do ``SLURM_NNODES`` and
+    ``SLURM_NODELIST`` stand in for them; inside a step, a job whose node count is unknown is an
+    error rather than a guess of one node.
+    """
+    nodelist_name = "SLURM_JOB_NODELIST"
+    nodelist = environ.get(nodelist_name, "").strip()
+    if not nodelist and not inside_step:
+        nodelist_name = "SLURM_NODELIST"
+        nodelist = environ.get(nodelist_name, "").strip()
+    hosts: tuple[str, ...] | None = None
+    nodes = _int_or_none(environ.get("SLURM_JOB_NUM_NODES"))
+    if nodelist:
+        try:
+            hosts = tuple(expand_hostlist(nodelist))
+        except ValueError as exc:
+            if nodes != 1:  # a single node needs no host names
+                raise ConfigError(f"{nodelist_name}: {exc}") from None
+    if nodes is None and hosts is not None:
+        nodes = len(hosts)
+    if nodes is None and not inside_step:
+        nodes = _int_or_none(environ.get("SLURM_NNODES")) or 1
+    if nodes is None:
+        step = ", ".join(f"{name}={environ[name]}" for name in ("SLURM_NNODES", "SLURM_NODELIST") if name in environ)
+        raise ConfigError(
+            "this runs inside a SLURM job step, whose variables describe the step and not the job"
+            + (f" ({step})" if step else "")
+            + ", and the job's allocation is unknown: SLURM_JOB_NUM_NODES and SLURM_JOB_NODELIST are not set "
+            "and scontrol could not supply them. Run it where those variables or scontrol are available, "
+            "so that a job of several nodes is not trained on one"
+        )
+    if hosts is not None and len(hosts) != nodes:
+        raise ConfigError(f"{nodelist_name} {nodelist!r} names {len(hosts)} hosts, the job has {nodes} nodes")
+    return nodes, hosts
 
 
 def resolve_launch_plan(
@@ -210,9 +258,12 @@ def resolve_launch_plan(
     ranks.
 
     Nodes: explicit ``nnodes`` / ``node_rank`` / ``master`` (``host:port``) describe a run started
-    by hand on every node. Otherwise a SLURM allocation of several nodes (``SLURM_JOB_NUM_NODES`` or
-    ``SLURM_NNODES`` > 1) makes a SLURM plan: the nodes of ``SLURM_JOB_NODELIST``, the first one as
-    master, on ``master_port`` or a port derived from the job id.
+    by hand on every node. Otherwise a SLURM allocation of several nodes makes a SLURM plan: the
+    nodes of the job (``SLURM_JOB_NUM_NODES``, ``SLURM_JOB_NODELIST``; see
+    :func:`complete_slurm_environ` for a step that hid them), the first one as master, on
+    ``master_port`` or a port derived from the job id. The job's allocation counts, not the step's:
+    inside an ``srun -n1`` step of a two-node job, ``SLURM_NNODES=1`` and ``SLURM_NODELIST``
+    describe the step, and the plan is still the job's two nodes.
     """
     if gpus < 0 or cpu_ranks < 1:
         raise ConfigError(f"finetune needs gpus >= 0 and cpu_ranks >= 1, got gpus={gpus}, cpu_ranks={cpu_ranks}")
@@ -245,29 +296,19 @@ def resolve_launch_plan(
         _split_endpoint(master)
         return LaunchPlan(per_node, gpus > 0, devices, nnodes=nnodes, node_rank=node_rank, master=master)
 
-    job_nodes = _slurm_nnodes(environ) if environ.get("SLURM_JOB_ID") else 1
+    if not environ.get("SLURM_JOB_ID"):
+        return LaunchPlan(per_node, gpus > 0, devices)
+    inside_step = in_slurm_step(environ)
+    job_nodes, hosts = _slurm_job_nodes(environ, inside_step)
     if job_nodes <= 1:
         return LaunchPlan(per_node, gpus > 0, devices)
-    step_nodes = _int_or_none(environ.get("SLURM_STEP_NUM_NODES"))
-    if environ.get("SLURM_STEP_ID") is not None and step_nodes is not None and step_nodes < job_nodes:
-        raise ConfigError(
-            f"the SLURM job has {job_nodes} nodes but this command runs in a job step on {step_nodes}; "
-            "run it in the batch script (with snakemake-executor-plugin-slurm: give the rule the "
-            "resource mpi, see profiles/slurm/config.yaml) so it can start a launcher on every node"
-        )
-    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if not nodelist:
-        raise ConfigError("SLURM_JOB_NODELIST is not set in a SLURM job of several nodes")
-    try:
-        hosts = tuple(expand_hostlist(nodelist))
-    except ValueError as exc:
-        raise ConfigError(f"SLURM_JOB_NODELIST: {exc}") from None
-    if len(hosts) != job_nodes:
-        raise ConfigError(f"SLURM_JOB_NODELIST {nodelist!r} names {len(hosts)} hosts, the job has {job_nodes} nodes")
+    if hosts is None:
+        raise ConfigError(f"SLURM_JOB_NODELIST is not set in a SLURM job of {job_nodes} nodes"
+                          + (" (inside a job step SLURM_NODELIST lists only the step's nodes)" if inside_step else ""))
     job_id = environ["SLURM_JOB_ID"]
     port = master_port or SLURM_MASTER_PORT_BASE + (_int_or_none(job_id.split("_")[0]) or 0) % 20000
     return LaunchPlan(per_node, gpus > 0, devices, nnodes=job_nodes, node_rank=0, master=f"{hosts[0]}:{port}",
-                      hosts=hosts, slurm=True, job_id=f"vlretrieval-{job_id}")
+                      hosts=hosts, slurm=True, job_id=f"vlretrieval-{job_id}", inside_step=inside_step)
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, int]:

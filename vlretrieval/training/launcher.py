@@ -87,7 +87,8 @@ def slurm_launch_command(plan: LaunchPlan, log_dir: str | os.PathLike, args: Seq
                          python: str | None = None, max_restart: int = 0, environ: Mapping[str, str] | None = None) -> list[str]:
     """``srun`` that starts one launcher on every node of the SLURM job, node rank ``SLURM_NODEID``.
 
-    Run from the batch script (on the first node). ``--kill-on-bad-exit`` ends every node when one
+    Run on the first node, from the batch script or from a step inside the job
+    (``plan.inside_step``, which adds ``--overlap``). ``--kill-on-bad-exit`` ends every node when one
     fails, rather than leaving the others waiting in a collective. The step spans all the job's
     CPUs of each node (no ``--exact``, no binding to one core); the launcher splits them between
     its ranks.
@@ -105,6 +106,10 @@ def slurm_launch_command(plan: LaunchPlan, log_dir: str | os.PathLike, args: Seq
     )
     cmd = ["srun", f"--nodes={plan.nnodes}", f"--ntasks={plan.nnodes}", "--ntasks-per-node=1",
            "--kill-on-bad-exit=1", "--cpu-bind=none"]
+    if plan.inside_step:
+        # The enclosing step (e.g. the executor plugin's `srun -n1`) holds the first node's CPUs
+        # while it waits for this one; without sharing them the new step would never start.
+        cmd.append("--overlap")
     if environ.get("SLURM_CPUS_PER_TASK"):
         cmd.append(f"--cpus-per-task={environ['SLURM_CPUS_PER_TASK']}")
     return cmd + ["sh", "-c", script]

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..base64_payload import Base64PayloadError, decode_base64_payload
 from .base import SourceImage, SourceSplit, SourceText, _FileSnapshot, _require_file, _utf8_error, parse_int_id
 
 
 def _payload_digest(payload: str | bytes) -> bytes:
-    # Compare decoded bytes so two spellings of the same image (e.g. different unused bits in the
-    # last symbol) agree; undecodable payloads fall back to their text and are reported by the
-    # validator anyway.
+    # Compare decoded bytes so two spellings of the same image (the standard and the URL-safe
+    # alphabet, padded or not, different unused bits in the last symbol) agree; undecodable
+    # payloads fall back to their text and are reported by the validator anyway.
     try:
-        data = binascii.a2b_base64(payload)
-    except (binascii.Error, ValueError):
+        data = decode_base64_payload(payload)
+    except Base64PayloadError:
         data = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
     return hashlib.blake2b(data, digest_size=16).digest()
 

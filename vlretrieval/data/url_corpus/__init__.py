@@ -16,9 +16,12 @@ other raw dataset. Three steps, all in :func:`build_url_corpus`:
    to a ``.part`` file renamed only when complete). Then it is judged: GIFs, non-images (HTML
    error pages), corrupt and truncated files and images below the minimum side are dropped.
 3. Kept rows become ``{split}_imgs.tsv`` and ``{split}_texts.jsonl``. The CSV has no splits;
-   the kept images are ranked by a salted sha256 of their file name and the held-out splits
-   take their configured number of images from the front of that ranking
-   (:func:`assign_splits`). All texts of one file name share its image id.
+   every distinct file name of the CSV is ranked by a salted sha256 of the name and the held-out
+   splits take their configured number of names from the front of that ranking
+   (:func:`assign_splits`). Membership is thus fixed by the CSV alone, before any download: an
+   image that fails is missing from its split (reported with the split and the reason) and no
+   other image takes its place, so runs in which different downloads fail still evaluate the
+   same queries wherever both have the images. All texts of one file name share its image id.
 
 Ids are positions in the CSV, so they do not move when another row's download fails: a text's
 id is its data row's 0-based index and an image's id the 0-based index of its file name among

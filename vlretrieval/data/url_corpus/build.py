@@ -128,7 +128,9 @@ def build_url_corpus(
     dropped and reported. ``out_dir`` receives, atomically as a whole, ``{split}_imgs.tsv`` and
     ``{split}_texts.jsonl`` for every split in ``splits``, :data:`REPORT_NAME` (settings,
     counts per category and split) and :data:`DROPPED_NAME` (one line per dropped CSV row:
-    line, filename, url, category, reason, in CSV order).
+    line, filename, url, category, reason and, for an image that failed, the split it is missing
+    from; in CSV order). Split membership is a function of the CSV and the settings alone
+    (:func:`~vlretrieval.data.url_corpus.splits.assign_splits` over every distinct file name).
     """
     if policy not in POLICIES:
         raise ConfigError(f"unknown bad-record policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -163,9 +165,13 @@ def build_url_corpus(
         progress.update(outcome)
     download_seconds = time.monotonic() - started
 
-    kept_names = [name if outcomes[i].kept else None for i, name in enumerate(plan.names)]
-    split_of = assign_splits(kept_names, splits, settings.split_sizes, settings.split_salt)
-    images_per_split = Counter(split for split in split_of if split is not None)
+    # Membership follows from the CSV alone: every distinct file name takes part in the ranking,
+    # whether or not its image arrived in this run. An image that failed is missing from its
+    # split, never replaced by another, so two runs evaluate the same queries wherever both have
+    # the images.
+    split_of = assign_splits(plan.names, splits, settings.split_sizes, settings.split_salt)
+    images_per_split = Counter(split_of[i] for i, outcome in enumerate(outcomes) if outcome.kept)
+    missing_per_split = Counter(split_of[i] for i, outcome in enumerate(outcomes) if not outcome.kept)
     empty = [split for split in splits if images_per_split[split] == 0]
     if empty:
         raise DataError(
@@ -173,10 +179,11 @@ def build_url_corpus(
             f"no image is left for the split(s) {', '.join(empty)} "
             f"({sum(o.kept for o in outcomes)} of {len(outcomes)} images passed the filter; see the log)",
         )
-    for split, size in settings.split_sizes.items():
-        if images_per_split[split] < size:
-            log.warning("split %s has %d images, fewer than the %d asked for: only %d images passed the filter",
-                        split, images_per_split[split], size, len(kept_names) - kept_names.count(None))
+    for split in splits:
+        if missing_per_split[split]:
+            log.warning("split %s is missing %d of its %d images: they failed or did not pass the filter "
+                        "(each listed in %s with its reason)", split, missing_per_split[split],
+                        missing_per_split[split] + images_per_split[split], DROPPED_NAME)
 
     snapshot.check()
     out_dir = Path(out_dir)
@@ -188,10 +195,11 @@ def build_url_corpus(
                      for split in splits}
         dropped_out = stack.enter_context(open(tmp / DROPPED_NAME, "w", encoding="utf-8"))
 
-        def drop(line: int, filename: str | None, url: str | None, category: str, reason: str) -> None:
+        def drop(line: int, filename: str | None, url: str | None, category: str, reason: str,
+                 split: str | None = None) -> None:
             row_categories[category] += 1
             dropped_out.write(json.dumps({"line": line, "filename": filename, "url": url, "category": category,
-                                          "reason": reason}, ensure_ascii=False) + "\n")
+                                          "reason": reason, "split": split}, ensure_ascii=False) + "\n")
 
         for row in read_csv_rows(csv_path):
             image_id = plan.row_image[row.index]
@@ -200,7 +208,8 @@ def build_url_corpus(
                 continue
             outcome = outcomes[image_id]
             if not outcome.kept:
-                drop(row.line, row.filename, row.url, outcome.rejection.category, outcome.rejection.reason)
+                drop(row.line, row.filename, row.url, outcome.rejection.category, outcome.rejection.reason,
+                     split_of[image_id])
                 continue
             split = split_of[image_id]
             if split is None:
@@ -212,7 +221,7 @@ def build_url_corpus(
         for split in splits:
             with open(raw.images_tsv_path(tmp, split), "w", encoding="utf-8") as handle:
                 for image_id, name in enumerate(plan.names):
-                    if split_of[image_id] != split:
+                    if split_of[image_id] != split or not outcomes[image_id].kept:
                         continue
                     path = downloader.images_dir / name
                     try:
@@ -254,7 +263,7 @@ def build_url_corpus(
                 "distinct": len(plan.names),
                 "kept": sum(o.kept for o in outcomes),
                 "dropped": sum(image_categories.values()),
-                "unassigned": sum(1 for i, name in enumerate(kept_names) if name is not None and split_of[i] is None),
+                "unassigned": sum(1 for i, outcome in enumerate(outcomes) if outcome.kept and split_of[i] is None),
                 "dropped_by_category": {c: image_categories[c] for c in IMAGE_CATEGORIES if image_categories[c]},
                 "bytes": image_bytes,
                 "from_cache": sources["cache"],
@@ -264,7 +273,7 @@ def build_url_corpus(
             },
             "splits": {
                 split: {"requested": settings.split_sizes.get(split), "images": images_per_split[split],
-                        "texts": texts_per_split[split]}
+                        "missing_images": missing_per_split[split], "texts": texts_per_split[split]}
                 for split in splits
             },
         }

@@ -1,4 +1,4 @@
-"""Assigning the kept images to splits by a salted hash ranking of their file names."""
+"""Assigning a CSV's images to splits by a salted hash ranking of their file names."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ def assign_splits(
 
     Names are ranked by ``sha256(salt + NUL + name)``; the splits with a size take that many
     names from the front of the ranking, in the order test, valid, train; the one split of
-    ``splits`` without a size, if any, takes the rest. ``None`` entries (images that did not
-    pass the filter) stay ``None`` and take no place. The result depends only on the set of
-    names and the salt, not on their order, so a held-out split keeps its exact size and its
-    images across runs; when an image appears or disappears between runs (a download that
-    failed once), only the names at the boundaries of the ranking change split.
+    ``splits`` without a size, if any, takes the rest. ``None`` entries take no place and stay
+    ``None``. The result depends only on the set of names and the salt, not on their order.
+
+    :func:`~vlretrieval.data.url_corpus.build_url_corpus` passes every distinct file name of the
+    CSV, whether or not its image could be fetched, so membership is a function of the CSV alone:
+    an image that fails leaves a gap in its split rather than pulling in another image, and a
+    name never changes split between runs.
     """
     splits = list(splits)
     for split in sizes:
