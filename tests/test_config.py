@@ -216,7 +216,7 @@ GOOD_SWEEP = {"pairs": ["demo_cn/ernie_vil"], "seeds": [1, 2]}
         ({"s": {"pairs": ["demo_cn/ernie_vil"]}}, "config sweeps.s: (top level): 'seeds' is a required property"),
         ({"s": {**GOOD_SWEEP, "grid": {"train.learnig_rate": [1.0e-4]}}},
          "config sweeps.s (member ernie_vil__s__g0_s1 of pair demo_cn/ernie_vil): train.learnig_rate: unknown key; "
-         "known here: crop_scale"),
+         "known here: amp, crop_scale"),
         ({"s": {**GOOD_SWEEP, "grid": {"train.learning_rate": [1.0e-4, -1]}}},
          "config sweeps.s (member ernie_vil__s__g1_s1 of pair demo_cn/ernie_vil): train.learning_rate: -1 is less "
          "than or equal to the minimum of 0"),

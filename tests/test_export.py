@@ -60,6 +60,7 @@ def test_manifest_and_layout(exported):
     assert manifest["embedding_dim"] == info["embedding_dim"]
     assert manifest["max_len"] == info["eval_max_len"] and manifest["max_text_len"] == info["max_text_len"]
     assert manifest["paddle_version"] == paddle.__version__
+    assert manifest["precision"] == "float32"
     assert manifest["source_model_dir"] == str(model_dir.resolve())
     image, text = manifest["encoders"]["image"], manifest["encoders"]["text"]
     assert [(i["name"], i["shape"], i["dtype"]) for i in image["inputs"]] == [("pixel_values", [-1, 3, 64, 64], "float32")]

@@ -200,7 +200,7 @@ def test_warmup_ratio_sets_the_schedules_warmup(tmp_path):
 
     def schedule(overrides, steps=390):
         args = training_arguments(resolve_hparams({"learning_rate": 1.0, "lr_scheduler_type": "linear", **overrides}),
-                                  tmp_path, device="cpu", recompute=False)
+                                  tmp_path, device="cpu", recompute=False, dataloader_num_workers=0)
         scheduler = Trainer.create_scheduler(SimpleNamespace(args=args, lr_scheduler=None), steps)
         rates = []
         for _ in range(steps):
@@ -270,6 +270,8 @@ def test_gradient_accumulation_steps_over_several_micro_batches(demo, tmp_path):
     records = read_train_log(work / TRAIN_LOG)
     assert records[0]["global_batch_size"] == 16 and records[0]["gradient_accumulation_steps"] == 2
     assert records[0]["train_pairs"] == 200
+    # CPU ranks decode images in the training process by default (dataloader_num_workers null).
+    assert records[0]["dataloader_num_workers"] == 0 and records[0]["hparams"]["amp"] is None
     steps = _train_records(records)
     assert [r["step"] for r in steps] == [1, 2]
     # An epoch is the 12 whole optimizer steps of 16 pairs; the 8 pairs that cannot fill a 13th

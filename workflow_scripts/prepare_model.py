@@ -1,5 +1,5 @@
 """Write a pair's initial model directory: pretrained weights, a local directory, separately pretrained
-towers, or a tiny random model; optionally set to another image size, and pretrained on the training split."""
+towers, or a random model (tiny, or the published architecture); optionally set to another image size, and pretrained on the training split."""
 
 import argparse
 from pathlib import Path
@@ -13,10 +13,10 @@ def main(argv=None):
     parser.add_argument("--family", required=True)
     parser.add_argument(
         "--init", required=True, type=json_arg,
-        help='JSON: "tiny", a pretrained name or local model directory as a string, '
+        help='JSON: "tiny", "random", a pretrained name or local model directory as a string, '
         'or {"vision": NAME_OR_DIR, "text": NAME_OR_DIR} for separately pretrained towers',
     )
-    parser.add_argument("--vocab-split", type=Path, help="serialized split whose captions make a tiny model's vocabulary")
+    parser.add_argument("--vocab-split", type=Path, help="serialized split whose captions make a random model's vocabulary")
     parser.add_argument("--pretrain", type=json_arg, help="JSON: the model entry's pretrain settings")
     parser.add_argument("--train-split", type=Path, help="serialized training split to pretrain on")
     parser.add_argument("--regions", type=Path, help="region store of the training split (region families)")

@@ -156,7 +156,8 @@ class ModelFamily:
     """Description of one model family.
 
     A family subclass declares its classes; the default hooks build, load and save with them, so a
-    family overrides only :meth:`tiny_config` and :meth:`model_info` and what really differs.
+    family overrides only :meth:`tiny_config`, :meth:`published_config` and :meth:`model_info` and
+    what really differs.
 
     Class attributes:
         model_class: the paddle model; the interface it implements must be the registered kind.
@@ -217,14 +218,31 @@ class ModelFamily:
         """The model configuration of the ``tiny`` architecture (with ``overrides``) for ``tokenizer``."""
         raise NotImplementedError
 
+    def published_config(self, tokenizer: Any) -> Any:
+        """The model configuration of the family's published architecture (the checkpoint its
+        registry entry names), embedding tables at the published vocabulary size; refused when
+        ``tokenizer`` has more tokens than those tables hold."""
+        raise NotImplementedError
+
     def build_tiny(self, vocab_file: str | os.PathLike, *, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
         """A randomly initialised ``tiny`` model and its tokenizer over the WordPiece ``vocab_file``.
 
         The same vocabulary, ``seed`` and ``overrides`` give bit-identical weights. ``vocab_file`` must
         still exist when the tokenizer is saved (see :mod:`vlretrieval.models.vocab` to build one).
         """
+        return self._build_random(vocab_file, seed, lambda tokenizer: self.tiny_config(tokenizer, **overrides))
+
+    def build_published(self, vocab_file: str | os.PathLike, *, seed: int = 0) -> tuple[Any, Any]:
+        """A randomly initialised model of the published architecture (:meth:`published_config`) and
+        its tokenizer over the WordPiece ``vocab_file``, as :meth:`build_tiny` builds the tiny one.
+
+        No pretrained vocabulary is downloaded: the tokenizer reads ``vocab_file`` (built from
+        captions), whose ids all fall inside the published embedding tables."""
+        return self._build_random(vocab_file, seed, self.published_config)
+
+    def _build_random(self, vocab_file: str | os.PathLike, seed: int, make_config: Callable[[Any], Any]) -> tuple[Any, Any]:
         tokenizer = self.tokenizer_class(vocab_file=os.fspath(vocab_file), do_lower_case=True)
-        config = self.tiny_config(tokenizer, **overrides)
+        config = make_config(tokenizer)
         model = seeded_build(seed, lambda: self.model_class(config))
         model.eval()
         return model, tokenizer
@@ -482,11 +500,13 @@ def load_pretrained(cls: Any, source: str | os.PathLike, what: str = "", known_n
         ) from exc
 
 
-def tiny_architecture(family_name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``defaults`` with ``overrides`` applied, checked: known keys only, whole patches, whole heads."""
+def tiny_architecture(family_name: str, defaults: dict[str, Any], overrides: dict[str, Any], *,
+                      what: str = "tiny") -> dict[str, Any]:
+    """``defaults`` (the ``what`` architecture) with ``overrides`` applied, checked: known keys only,
+    whole patches, whole heads."""
     unknown = set(overrides) - set(defaults)
     if unknown:
-        raise ConfigError(f"unknown {family_name} tiny architecture keys {sorted(unknown)}; known: {sorted(defaults)}")
+        raise ConfigError(f"unknown {family_name} {what} architecture keys {sorted(unknown)}; known: {sorted(defaults)}")
     arch = {**defaults, **overrides}
     if arch["image_size"] % arch["patch_size"]:
         raise ConfigError(f"image_size {arch['image_size']} is not a multiple of patch_size {arch['patch_size']}")
@@ -494,6 +514,17 @@ def tiny_architecture(family_name: str, defaults: dict[str, Any], overrides: dic
         if arch[f"{prefix}_hidden_size"] % arch[f"{prefix}_heads"]:
             raise ConfigError(f"{prefix}_hidden_size must be divisible by {prefix}_heads")
     return arch
+
+
+def checked_published_vocab(family_name: str, tokenizer_vocab_size: int, published_vocab_size: int) -> int:
+    """``published_vocab_size``, the rows of the published embedding table, once the tokenizer's ids
+    are known to fit in it (a vocabulary built from captions is far smaller than a published one)."""
+    if int(tokenizer_vocab_size) > int(published_vocab_size):
+        raise ConfigError(
+            f"{family_name}: the tokenizer has {tokenizer_vocab_size} tokens, more than the {published_vocab_size} "
+            "rows of the published embedding table; build the vocabulary with a higher min_count"
+        )
+    return int(published_vocab_size)
 
 
 def tower_configs(

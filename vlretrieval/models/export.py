@@ -8,6 +8,12 @@ texts, a dynamic length)::
     text/inference.json,  text/inference.pdiparams      input_ids, attention_mask [n, L] int64 -> [n, d]
     assets/            the source model directory without its weights (tokenizer, configs, model info)
 
+The manifest also records the ``precision`` the towers run at (``eval.precision``): float32, or
+half precision where the device has it (bfloat16 through oneDNN on a CPU with bfloat16
+instructions; float16 or bfloat16 on a GPU). The programs and weights stay float32 either way:
+paddle.inference converts them when it builds the predictor, and the export is verified at that
+precision against the float32 model.
+
 Outputs are the L2-normalised embeddings of ``encode_images`` / ``encode_texts``. Only the
 :class:`~vlretrieval.models.modeling_utils.DualEncoder` interface is traced, so every dual-encoder family
 exports the same way. Paddle 3 with PIR (the default) writes the program as ``.json``; a legacy
@@ -30,6 +36,7 @@ import numpy as np
 import paddle
 from paddle.static import InputSpec
 
+from ..config import MODELS_SCHEMA, schema_default
 from ..errors import ConfigError
 from ..io import atomic_directory, write_json
 from .base import MODEL_INFO_FILE, eval_context_length, load_model_dir
@@ -53,9 +60,17 @@ ENCODER_INPUTS = {"image": IMAGE_INPUTS, "text": TEXT_INPUTS}
 # directory (tokenizer, configs, model info) is small and needed to prepare inputs.
 WEIGHT_SUFFIXES = (".pdparams", ".safetensors", ".bin", ".pdopt", ".pt", ".pth", ".ckpt", ".pdiparams")
 
-# Agreement the exported towers must reach with the dynamic model before an export is accepted.
+# Agreement the exported towers must reach with the dynamic float32 model before an export is
+# accepted: (largest absolute difference, smallest cosine) per precision. bfloat16 keeps 8 bits of
+# mantissa (relative rounding 2**-9 per op); the tiny demo models measure 0.003 and 0.99997.
 VERIFY_ATOL = 1e-4
 VERIFY_MIN_COSINE = 0.9999
+VERIFY_TOLERANCE = {
+    "float32": (VERIFY_ATOL, VERIFY_MIN_COSINE),
+    "bfloat16": (5e-2, 0.995),
+    "float16": (1e-2, 0.999),
+}
+PRECISIONS = tuple(VERIFY_TOLERANCE)
 # Texts of different lengths, so the check also runs the text program at two shapes.
 VERIFY_TEXTS = ("一只猫的照片", "草地上一个红色的圆形和左边一个蓝色的正方形，背景是白色的")
 
@@ -151,14 +166,18 @@ def export_model(
     max_len: int | None = None,
     verify: bool = True,
     threads: int | None = None,
+    precision: str = schema_default(MODELS_SCHEMA, "eval", "precision"),
 ) -> dict[str, Any]:
     """Export the dual encoder saved in ``model_dir`` to ``out_dir``, atomically; returns the manifest.
 
     ``max_len`` (default: the model's evaluation context length) is recorded as the length texts
-    are truncated to when features are extracted from the export. With ``verify`` the written
-    programs are run through ``paddle.inference`` and must agree with the dynamic model
-    (``VERIFY_ATOL`` absolute, cosine >= ``VERIFY_MIN_COSINE``), or nothing is written.
+    are truncated to when features are extracted from the export. ``precision`` is recorded as the
+    precision the towers run at; one this machine cannot run (:func:`check_precision_device`)
+    fails before the model is loaded. With ``verify`` the written programs are run through
+    ``paddle.inference`` at that precision and must agree with the dynamic float32 model within
+    ``VERIFY_TOLERANCE[precision]``, or nothing is written.
     """
+    check_precision_device(precision, "gpu" if gpu_available() else "cpu")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: model directory not found")
@@ -184,6 +203,7 @@ def export_model(
             "max_len": max_len,
             "max_text_len": None if info.get("max_text_len") is None else int(info["max_text_len"]),
             "embedding_dim": int(model.embedding_dim),
+            "precision": precision,
             "paddle_version": paddle.__version__,
             "source_model_dir": str(model_dir.resolve()),
             "encoders": encoders,
@@ -204,6 +224,7 @@ def _verify(export_dir: Path, model: Any, family: Any, tokenizer: Any, image_siz
     pixels = rng.standard_normal((3, 3, image_size, image_size)).astype(np.float32)
     encoded = family.tokenize(tokenizer, list(VERIFY_TEXTS), max_len=max_len)
     engine = InferenceEncoder(export_dir, threads=threads)
+    atol, min_cosine = VERIFY_TOLERANCE[engine.precision]
     with paddle.no_grad():
         expected_images = model.encode_images(paddle.to_tensor(pixels)).astype("float32").numpy()
         expected_texts = model.encode_texts(
@@ -215,9 +236,9 @@ def _verify(export_dir: Path, model: Any, family: Any, tokenizer: Any, image_siz
         ("text", engine.encode_texts(encoded["input_ids"], encoded["attention_mask"]), expected_texts),
     ):
         max_abs, min_cos = feature_agreement(got, expected)
-        if not (max_abs <= VERIFY_ATOL and min_cos >= VERIFY_MIN_COSINE):
+        if not (max_abs <= atol and min_cos >= min_cosine):
             raise ConfigError(
-                f"{export_dir}: the exported {what} encoder disagrees with the dynamic model "
+                f"{export_dir}: the exported {what} encoder ({engine.precision}) disagrees with the dynamic model "
                 f"(max abs difference {max_abs:.3g}, min cosine {min_cos:.6f}); the export was not written"
             )
         report[f"{what}_max_abs_diff"] = max_abs
@@ -298,14 +319,50 @@ def _onednn_available() -> bool:
     return False
 
 
+def check_precision_device(precision: str, device: str, *, onednn: bool = True) -> None:
+    """Raise ConfigError, naming ``eval.precision``, unless ``device`` ("cpu" or "gpu") runs ``precision``.
+
+    On the CPU only oneDNN has half-precision kernels (paddle's own CPU kernels for matmul,
+    layer_norm, softmax and conv2d are float32 only): bfloat16 needs oneDNN and a CPU with
+    bfloat16 instructions (AVX512-BF16 or AMX), and float16 does not run. On a GPU float16 and
+    bfloat16 run where the device supports them (bfloat16: compute capability 8.0).
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"eval.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "float32":
+        return
+    if device == "gpu":
+        supported = paddle.amp.is_float16_supported() if precision == "float16" else paddle.amp.is_bfloat16_supported()
+        if not supported:
+            hint = "bfloat16 needs compute capability 8.0; use float16 or" if precision == "bfloat16" else "use"
+            raise ConfigError(f"eval.precision {precision!r} is not supported by this GPU "
+                              f"({paddle.device.cuda.get_device_name()}); {hint} float32")
+        return
+    from paddle.base import core
+
+    if precision == "float16":
+        raise ConfigError("eval.precision 'float16' cannot run on device 'cpu': paddle has no float16 CPU "
+                          "kernels; use bfloat16 (a CPU with bfloat16 instructions) or float32")
+    if not (onednn and _onednn_available()):
+        raise ConfigError("eval.precision 'bfloat16' on device 'cpu' runs through oneDNN, which this paddle "
+                          "build or run does not use; use float32")
+    if not core.supports_bfloat16():
+        raise ConfigError("eval.precision 'bfloat16' cannot run on device 'cpu': this CPU has no bfloat16 "
+                          "instructions (AVX512-BF16 or AMX); use float32")
+
+
 def create_predictor(program: Path, params: Path, *, device: str, threads: int, onednn: bool = True,
-                     gpu_id: int = 0, gpu_memory_mb: int = 256):
-    """A ``paddle.inference`` predictor of one program on ``device`` ("cpu" or "gpu")."""
+                     precision: str, gpu_id: int = 0, gpu_memory_mb: int = 256):
+    """A ``paddle.inference`` predictor of one program on ``device`` ("cpu" or "gpu") computing in
+    ``precision`` (checked by :func:`check_precision_device`); inputs and outputs stay float32."""
     from paddle import inference
 
+    check_precision_device(precision, device, onednn=onednn)
     config = inference.Config(str(program), str(params))
     if device == "gpu":
-        config.enable_use_gpu(gpu_memory_mb, gpu_id)
+        gpu_precision = {"float32": inference.PrecisionType.Float32, "float16": inference.PrecisionType.Half,
+                         "bfloat16": inference.PrecisionType.Bfloat16}[precision]
+        config.enable_use_gpu(gpu_memory_mb, gpu_id, gpu_precision)
     else:
         config.disable_gpu()
         # Math-library threads are what a CPU job's thread budget buys; oneDNN kernels use them too.
@@ -314,6 +371,8 @@ def create_predictor(program: Path, params: Path, *, device: str, threads: int, 
             # Paddle 3 renamed enable_mkldnn to enable_onednn; older releases have only the former.
             enable = getattr(config, "enable_onednn", None) or config.enable_mkldnn
             enable()
+            if precision == "bfloat16":
+                config.enable_onednn_bfloat16()
     # No enable_memory_optim: with a PIR program paddle 3.3 fails to create the predictor
     # ("Not find predictor_id 0 and pass_name memory_optimize_pass").
     config.switch_ir_optim(True)
@@ -327,11 +386,12 @@ class InferenceEncoder:
     Takes and returns numpy arrays: ``[n, 3, S, S]`` float32 pixels or ``[n, L]`` int64 ids and mask,
     giving ``[n, d]`` float32 embeddings. ``device`` is ``"auto"`` (a GPU when paddle has CUDA and
     sees a device, else the CPU), ``"gpu"`` or ``"cpu"``; on the CPU oneDNN runs with ``threads``
-    math-library threads (default: the CPUs this process may use).
+    math-library threads (default: the CPUs this process may use). ``precision`` defaults to the
+    one the manifest records (float32 for exports that record none).
     """
 
     def __init__(self, export_dir: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
-                 onednn: bool = True):
+                 onednn: bool = True, precision: str | None = None):
         self.export_dir = Path(export_dir)
         self.manifest = read_export_manifest(self.export_dir)
         if device == "auto":
@@ -341,12 +401,15 @@ class InferenceEncoder:
         if device == "gpu" and not gpu_available():
             raise ConfigError("device 'gpu' requested, but paddle has no CUDA or sees no GPU")
         self.device = device
+        self.precision = precision or self.manifest.get("precision", "float32")
+        check_precision_device(self.precision, device, onednn=onednn)
         self.threads = int(threads or default_threads())
         self._predictors = {}
         for name in ENCODER_INPUTS:
             entry = self.manifest["encoders"][name]
             program, params = _program_files(self.export_dir / entry["dir"])
-            predictor = create_predictor(program, params, device=device, threads=self.threads, onednn=onednn)
+            predictor = create_predictor(program, params, device=device, threads=self.threads, onednn=onednn,
+                                         precision=self.precision)
             names = tuple(predictor.get_input_names())
             if set(names) != set(ENCODER_INPUTS[name]):
                 raise ConfigError(f"{program}: program inputs {list(names)}, expected {list(ENCODER_INPUTS[name])}")

@@ -1,6 +1,6 @@
-"""The starting model directory of a fine-tuning run: random tiny weights with a vocabulary built
-from the training captions, pretrained weights or separately pretrained towers, optionally resized
-and pretrained with the family's own objective."""
+"""The starting model directory of a fine-tuning run: random weights (the tiny architecture or the
+published one) with a vocabulary built from the training captions, pretrained weights or separately
+pretrained towers, optionally resized and pretrained with the family's own objective."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError
 from ..io import atomic_directory
+
+#: ``init`` values that build random weights with a vocabulary from the training captions: the
+#: family's ``tiny`` architecture, or its published one (``random``) with the published table sizes.
+CAPTION_VOCABULARY_INITS = ("tiny", "random")
 
 
 def vocab_texts_from_split(split_dir: str | os.PathLike) -> list[str]:
@@ -38,7 +42,8 @@ def prepare_initial_model(
     """Write the starting model directory of a fine-tuning run, atomically.
 
     ``init`` is ``"tiny"`` (random weights from ``seed``, vocabulary built from ``vocab_texts``),
-    a pretrained name, a local model directory, or a mapping from tower to a pretrained name or
+    ``"random"`` (the family's published architecture, random weights from ``seed``, vocabulary
+    built from ``vocab_texts`` inside the published embedding tables), a pretrained name, a local model directory, or a mapping from tower to a pretrained name or
     directory (``{"vision": ..., "text": ...}``) for families assembled from separately pretrained
     towers (``family.load_towers``; new weights such as projections come from ``seed``). The result
     reloads offline with ``family.load_model(out_dir)`` / ``family.load_tokenizer(out_dir)``.
@@ -57,14 +62,21 @@ def prepare_initial_model(
     family = get_family(family_name)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        if init == "tiny":
+        if init in CAPTION_VOCABULARY_INITS:
             if vocab_texts is None:
-                raise ConfigError(f"init 'tiny' for {family_name} needs vocab_texts to build its vocabulary")
+                raise ConfigError(f"init {init!r} for {family_name} needs vocab_texts to build its vocabulary")
+            if init == "random" and tiny_overrides:
+                raise ConfigError("tiny_overrides only apply to init 'tiny'; 'random' is the published architecture")
             # The vocabulary is written inside the staging directory, so the tokenizer's save
             # finds its source file there and the final rename carries it along.
             tokens = build_vocab_file(vocab_texts, tmp / "vocab.txt", min_count=vocab_min_count)
-            model, tokenizer = family.build_tiny(tmp / "vocab.txt", seed=seed, **dict(tiny_overrides or {}))
-            info = {"init": "tiny", "seed": int(seed), "tiny_overrides": dict(tiny_overrides or {}), "vocab_tokens": len(tokens)}
+            if init == "tiny":
+                model, tokenizer = family.build_tiny(tmp / "vocab.txt", seed=seed, **dict(tiny_overrides or {}))
+                info = {"init": "tiny", "seed": int(seed), "tiny_overrides": dict(tiny_overrides or {})}
+            else:
+                model, tokenizer = family.build_published(tmp / "vocab.txt", seed=seed)
+                info = {"init": "random", "seed": int(seed)}
+            info["vocab_tokens"] = len(tokens)
         elif isinstance(init, Mapping):
             if tiny_overrides:
                 raise ConfigError("tiny_overrides only apply to init 'tiny'")
@@ -84,7 +96,9 @@ def prepare_initial_model(
             tokenizer = family.load_tokenizer(init)
             info = {"init": os.fspath(init)}
         else:
-            raise ConfigError(f"init must be 'tiny', a pretrained name, a directory or a mapping of towers, got {init!r}")
+            raise ConfigError(
+                f"init must be 'tiny', 'random', a pretrained name, a directory or a mapping of towers, got {init!r}"
+            )
         if image_size is not None:
             before = family.image_size(model)
             model = family.with_image_size(model, image_size)

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
 from .checkpoints import TRAIN_LOG, find_resumable_checkpoint, remove_incomplete_checkpoints
-from .hparams import resolve_hparams, training_arguments
+from .hparams import check_amp_device, resolve_dataloader_workers, resolve_hparams, training_arguments
 from .trainer import _trainer_class, apply_freezing, make_callbacks, trainable_parameters
 
 
@@ -133,14 +133,21 @@ def finetune(
     output_dir, final_dir = Path(output_dir), Path(final_dir)
     device = resolve_device(device)
     paddle.set_device(device)
+    check_amp_device(hparams["amp"], device)
 
     family = get_family(family_name or read_model_info(model_dir)["family"])
     recompute = hparams["recompute"] and family.supports_recompute
     max_len = hparams["train_max_len"] or family.train_max_len
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    from ..models.export import default_threads
+
+    workers = resolve_dataloader_workers(
+        hparams["dataloader_num_workers"], device=device, cpus=default_threads(),
+        local_ranks=int(os.environ.get("PADDLE_LOCAL_SIZE", "1")),
+    )
     training_args = training_arguments(
-        hparams, output_dir, device=device, recompute=recompute,
+        hparams, output_dir, device=device, recompute=recompute, dataloader_num_workers=workers,
         disable_tqdm=disable_tqdm if disable_tqdm is not None else not sys.stderr.isatty(),
     )
     rank, world = distributed_world()
@@ -175,6 +182,7 @@ def finetune(
         "gradient_accumulation_steps": accumulation,
         "train_pairs": len(dataset),
         "device": device,
+        "dataloader_num_workers": workers,
         "family": family.name,
         "recompute": recompute,
         "train_max_len": max_len,
@@ -198,6 +206,10 @@ def finetune(
     trainer.train(resume_from_checkpoint=resume)
 
     if rank == 0:
+        if hparams["amp"] and hparams["amp"]["level"] == "O2":
+            # O2 decorated the weights to half precision (the optimizer kept float32 masters); the
+            # saved model is float32 like every other, so CPU evaluation and export can load it.
+            trainer.model.to(dtype="float32")
         family.save_atomic(
             trainer.model,
             tokenizer,
@@ -209,8 +221,12 @@ def finetune(
                 "hparams": hparams,
             },
         )
-    if world > 1:
-        dist.barrier()
+    if world > 1 and rank != 0:
+        # Not a gloo barrier: it times out after about 30 s, less than rank 0 takes to save a
+        # published-size model on a busy CPU. The final directory appears by an atomic rename, and
+        # the launcher stops every rank if rank 0 fails.
+        while not Path(final_dir).is_dir():
+            time.sleep(1.0)
     return FinetuneResult(
         global_step=int(trainer.state.global_step),
         resumed_from=resume,

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError, VLRetrievalError
 from ..io import atomic_path
 from .checkpoints import TRAIN_LOG, claim_work_dir, run_identity
-from .hparams import resolve_hparams
+from .hparams import check_amp_device, resolve_hparams
 from .launch_plan import LaunchPlan, _int_or_none, master_endpoint
 
 
@@ -200,6 +200,7 @@ def launch_finetune(
             raise TypeError("launch_finetune needs n_ranks or plan")
         plan = LaunchPlan(n_ranks, use_gpu, tuple(str(i) for i in range(n_ranks)) if use_gpu else ())
     resolved = resolve_hparams(hparams)
+    check_amp_device(resolved["amp"], "gpu" if plan.use_gpu else "cpu")
     work_dir, final_dir = Path(work_dir), Path(final_dir)
     log_dir = work_dir / "launch_logs"
     owner = plan.slurm or plan.node_rank == 0

@@ -114,6 +114,11 @@ def _trainer_class():
                     if not any(part in name for part in ("bias", "norm")) and name not in no_decay
                 }
                 optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
+                if hasattr(optimizer_cls, "_create_master_weight") and self.args.fp16_opt_level == "O2" \
+                        and (self.args.fp16 or self.args.bf16):
+                    # As paddlenlp's own create_optimizer: O2 weights are half precision, so the
+                    # optimizer updates float32 master copies of them.
+                    optimizer_kwargs["multi_precision"] = True
                 self.optimizer = optimizer_cls(
                     learning_rate=self.lr_scheduler if lr_scheduler is None else lr_scheduler,
                     apply_decay_param_fun=lambda name: name in decay_names,

@@ -33,7 +33,14 @@ from ..base import (
     seeded_build,
 )
 from ..registry import register_family
-from .configuration import PRETRAINED_TEXT, PRETRAINED_VISION, TINY_ARCHITECTURE, BertCLIPConfig, tiny_config
+from .configuration import (
+    PRETRAINED_TEXT,
+    PRETRAINED_VISION,
+    TINY_ARCHITECTURE,
+    BertCLIPConfig,
+    published_config,
+    tiny_config,
+)
 from .modeling import BertCLIPModel
 
 
@@ -50,6 +57,9 @@ class BertCLIPFamily(ModelFamily):
 
     def tiny_config(self, tokenizer: Any, **overrides: Any) -> BertCLIPConfig:
         return tiny_config(tokenizer.vocab_size, **overrides)
+
+    def published_config(self, tokenizer: Any) -> BertCLIPConfig:
+        return published_config(tokenizer.vocab_size)
 
     def load_towers(
         self, towers: Mapping[str, str], *, seed: int | None = 0, projection_dim: int = 512,

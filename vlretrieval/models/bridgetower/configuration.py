@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from paddlenlp.transformers import PretrainedConfig
 
 from ...errors import ConfigError
-from ..base import tiny_architecture
+from ..base import checked_published_vocab, tiny_architecture
 
 LOGIT_SCALE_INIT = 2.6592  # ln(1 / 0.07)
 ITC_DIM = 256
@@ -61,6 +61,33 @@ TINY_ARCHITECTURE: dict[str, Any] = {
     "itc_dim": ITC_DIM,
     "share_link_tower_layers": False,
 }
+
+
+# The architecture of BridgeTower base (the checkpoints ./pretrained/bridgetower-base converts from):
+# CLIP's ViT-B/16 at 288 px (86M parameters), RoBERTa-base (vocabulary 50265, 514 positions; 125M)
+# and 6 cross-modal layers on each side, fed by bridge layers from the last 6 layers of both towers.
+PUBLISHED_VOCAB_SIZE = 50265
+PUBLISHED_ARCHITECTURE: dict[str, Any] = {
+    "image_size": 288,
+    "patch_size": 16,
+    "vision_hidden_size": 768,
+    "vision_layers": 12,
+    "vision_heads": 12,
+    "text_hidden_size": 768,
+    "text_layers": 12,
+    "text_heads": 12,
+    "text_intermediate_size": 3072,
+    "max_position_embeddings": 514,
+    "cross_layers": 6,
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "itc_dim": ITC_DIM,
+    "share_link_tower_layers": False,
+}
+# No total is published; this sums the published towers (86M + 125M) and the 12 cross-modal layers
+# (BERT layers with cross-attention: 2 x 4 x (768^2 + 768) + 2 x 768 x 3072 + 3072 + 768 + 3 x 2 x 768
+# = 9,451,776 each), the heads left out.
+PUBLISHED_PARAMETERS = 86_000_000 + 125_000_000 + 12 * 9_451_776
 
 
 def _sub_config(values: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,7 +214,18 @@ class BridgeTowerConfig(PretrainedConfig):
 
 def tiny_config(vocab_size: int, pad_token_id: int, **overrides: Any) -> BridgeTowerConfig:
     """The ``tiny`` BridgeTower configuration for a vocabulary of ``vocab_size`` tokens padded with ``pad_token_id``."""
-    arch = tiny_architecture("bridgetower", TINY_ARCHITECTURE, overrides)
+    return _config(tiny_architecture("bridgetower", TINY_ARCHITECTURE, overrides), vocab_size, pad_token_id)
+
+
+def published_config(tokenizer_vocab_size: int, pad_token_id: int) -> BridgeTowerConfig:
+    """The published BridgeTower base configuration, for a tokenizer of ``tokenizer_vocab_size``
+    tokens padded with ``pad_token_id`` (RoBERTa numbers positions after the padding id)."""
+    arch = tiny_architecture("bridgetower", PUBLISHED_ARCHITECTURE, {}, what="published")
+    vocab_size = checked_published_vocab("bridgetower", tokenizer_vocab_size, PUBLISHED_VOCAB_SIZE)
+    return _config(arch, vocab_size, pad_token_id)
+
+
+def _config(arch: dict[str, Any], vocab_size: int, pad_token_id: int) -> BridgeTowerConfig:
     if arch["vision_hidden_size"] != 64 * arch["vision_heads"]:
         raise ConfigError("bridgetower vision_hidden_size must be 64 * vision_heads (CLIP's head width)")
     text_config = {

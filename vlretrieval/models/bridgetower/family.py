@@ -17,7 +17,7 @@ from ...errors import ConfigError
 from ..base import CLIP_MEAN, CLIP_STD, MODEL_INFO_FILE, ModelFamily, load_pretrained
 from ..datasets import PairCollator
 from ..registry import register_family
-from .configuration import TINY_ARCHITECTURE, BridgeTowerConfig, tiny_config
+from .configuration import TINY_ARCHITECTURE, BridgeTowerConfig, published_config, tiny_config
 from .modeling import BridgeTowerForRetrieval
 from .scoring import BridgeTowerPairScorer
 
@@ -74,6 +74,9 @@ class BridgeTowerFamily(ModelFamily):
 
     def tiny_config(self, tokenizer: Any, **overrides: Any) -> BridgeTowerConfig:
         return tiny_config(tokenizer.vocab_size, tokenizer.pad_token_id, **overrides)
+
+    def published_config(self, tokenizer: Any) -> BridgeTowerConfig:
+        return published_config(tokenizer.vocab_size, tokenizer.pad_token_id)
 
     def load_tokenizer(self, source: str | os.PathLike):
         path = Path(os.fspath(source)).expanduser()

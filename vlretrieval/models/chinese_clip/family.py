@@ -13,7 +13,7 @@ from paddlenlp.transformers import ChineseCLIPImageProcessor, ChineseCLIPTokeniz
 
 from ..base import CLIP_MEAN, CLIP_STD, ModelFamily
 from ..registry import register_family
-from .configuration import PRETRAINED_NAME, PRETRAINED_NAMES, TINY_ARCHITECTURE, tiny_config
+from .configuration import PRETRAINED_NAME, PRETRAINED_NAMES, TINY_ARCHITECTURE, published_config, tiny_config
 from .modeling import ChineseCLIPDualEncoder
 
 # The reference pipeline (cn_clip's text preprocessing) maps curly double quotes to ASCII before
@@ -33,6 +33,9 @@ class ChineseCLIPFamily(ModelFamily):
 
     def tiny_config(self, tokenizer: Any, **overrides: Any):
         return tiny_config(tokenizer.vocab_size, **overrides)
+
+    def published_config(self, tokenizer: Any):
+        return published_config(tokenizer.vocab_size)
 
     def model_info(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         return {**super().model_info(model, tokenizer), "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}

@@ -1,7 +1,17 @@
 """ERNIE-ViL 2.0: a ViT image tower and an ERNIE text tower (paddlenlp ``ErnieViLModel``)."""
 
-from .configuration import PRETRAINED_NAME, TINY_ARCHITECTURE, tiny_config
+from .configuration import (
+    PRETRAINED_NAME,
+    PUBLISHED_ARCHITECTURE,
+    PUBLISHED_PARAMETERS,
+    TINY_ARCHITECTURE,
+    published_config,
+    tiny_config,
+)
 from .family import FAMILY, ErnieViLFamily
 from .modeling import ErnieViLDualEncoder
 
-__all__ = ["FAMILY", "PRETRAINED_NAME", "TINY_ARCHITECTURE", "ErnieViLDualEncoder", "ErnieViLFamily", "tiny_config"]
+__all__ = [
+    "FAMILY", "PRETRAINED_NAME", "PUBLISHED_ARCHITECTURE", "PUBLISHED_PARAMETERS", "TINY_ARCHITECTURE",
+    "ErnieViLDualEncoder", "ErnieViLFamily", "published_config", "tiny_config",
+]

@@ -8,7 +8,7 @@ from paddlenlp.transformers import ErnieViLImageProcessor, ErnieViLTokenizer
 
 from ..base import ModelFamily
 from ..registry import register_family
-from .configuration import PRETRAINED_NAME, TINY_ARCHITECTURE, tiny_config
+from .configuration import PRETRAINED_NAME, TINY_ARCHITECTURE, published_config, tiny_config
 from .modeling import ErnieViLDualEncoder
 
 
@@ -21,6 +21,9 @@ class ErnieViLFamily(ModelFamily):
 
     def tiny_config(self, tokenizer: Any, **overrides: Any):
         return tiny_config(tokenizer.vocab_size, **overrides)
+
+    def published_config(self, tokenizer: Any):
+        return published_config(tokenizer.vocab_size)
 
 
 FAMILY = register_family(

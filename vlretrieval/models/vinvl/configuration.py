@@ -7,6 +7,7 @@ from typing import Any
 from paddlenlp.transformers import PretrainedConfig
 
 from ...errors import ConfigError
+from ..base import checked_published_vocab
 
 #: Region feature width of VinVL's detector output: 2048 appearance values and 6 box values.
 FEATURE_DIM = 2054
@@ -29,6 +30,25 @@ TINY_ARCHITECTURE: dict[str, Any] = {
     # scale from the first step.
     "use_img_layernorm": True,
 }
+
+
+# The architecture of VinVL (Oscar+) base: BERT-base uncased (vocabulary 30522, 512 positions;
+# 110M parameters) over the text, plus the projection of 2054-d regions (1.6M) and the ITM head.
+PUBLISHED_VOCAB_SIZE = 30522
+PUBLISHED_ARCHITECTURE: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "img_feature_dim": FEATURE_DIM,
+    # VinVL's released configs normalise the projected regions (use_img_layernorm 1).
+    "use_img_layernorm": True,
+}
+PUBLISHED_PARAMETERS = 111_600_000  # 110M (BERT-base) + 2054 x 768 + 768 (region projection)
 
 
 class OscarConfig(PretrainedConfig):
@@ -85,7 +105,15 @@ def tiny_config(vocab_size: int, **overrides: Any) -> OscarConfig:
         raise ConfigError(
             f"unknown vinvl tiny architecture keys {sorted(unknown)}; known: {sorted(TINY_ARCHITECTURE)}"
         )
-    arch = {**TINY_ARCHITECTURE, **overrides}
+    return _config({**TINY_ARCHITECTURE, **overrides}, vocab_size)
+
+
+def published_config(tokenizer_vocab_size: int) -> OscarConfig:
+    """The published VinVL base configuration, for a tokenizer of ``tokenizer_vocab_size`` tokens."""
+    return _config(dict(PUBLISHED_ARCHITECTURE), checked_published_vocab("vinvl", tokenizer_vocab_size, PUBLISHED_VOCAB_SIZE))
+
+
+def _config(arch: dict[str, Any], vocab_size: int) -> OscarConfig:
     if arch["hidden_size"] % arch["num_attention_heads"]:
         raise ConfigError(
             f"hidden_size {arch['hidden_size']} must be divisible by num_attention_heads {arch['num_attention_heads']}"

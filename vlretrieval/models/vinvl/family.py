@@ -23,6 +23,7 @@ from .configuration import (
     FEATURE_DIM,
     TINY_ARCHITECTURE,
     OscarConfig,
+    published_config,
     tiny_config,
 )
 from .data import RegionPairCollator, RegionPairDataset
@@ -57,6 +58,9 @@ class VinVLFamily(ModelFamily):
 
     def tiny_config(self, tokenizer: Any, **overrides: Any) -> OscarConfig:
         return tiny_config(tokenizer.vocab_size, **overrides)
+
+    def published_config(self, tokenizer: Any) -> OscarConfig:
+        return published_config(tokenizer.vocab_size)
 
     def model_info(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         max_text_len = int(model.config.max_position_embeddings)
