@@ -45,8 +45,12 @@ def test_lines_carry_each_stage_with_its_interval(tmp_path):
 def test_overview_names_the_runs_report_figures_and_a_comparison(tmp_path):
     results = write_results(tmp_path, [["demo_cn", "bert_clip", "zeroshot", "test", "5.1", "3.4", "7.2"],
                                        ["demo_cn", "bert_clip", "finetuned", "test", "57.4", "53.3", "62.0"]])
-    text = overview(results, "sqlite:///mlflow.db")
+    record = tmp_path / "work" / "demo_cn" / "bert_clip" / "tracking.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"experiment_id": "7", "parent_run_id": "abc"}')
+    text = overview(results, "sqlite:///mlflow.db", tmp_path / "work")
     assert "ui --backend-store-uri sqlite:///mlflow.db" in text
+    assert "open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning" in text
     assert "--report report.html" in text
     assert f"{results / 'figures'}/" in text
     assert f"compare {results / 'demo_cn/bert_clip/zeroshot'} {results / 'demo_cn/bert_clip/finetuned'}" in text

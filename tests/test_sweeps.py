@@ -189,7 +189,7 @@ def test_a_member_result_that_does_not_fit_is_named(tmp_path):
         load_sweep(plan)
     write_member(tmp_path, member, 60.0, 4.0, intervals=True)
     path = Path(member["results"]) / "metrics.json"
-    with pytest.raises(DataError, match="model is 'ernie_vil__demo_seeds__s1', but the sweep member is demo_cn/other"):
+    with pytest.raises(DataError, match="model is 'ernie_vil__demo_seeds__s1' but the pair being read is demo_cn/other"):
         read_member_metrics(path, dataset="demo_cn", model="other")
     document = json.loads(path.read_text(encoding="utf-8"))
     document["stages"]["finetuned"]["ci95_mean_recall"] = [62.0, 58.0]
@@ -233,15 +233,22 @@ def test_the_sweep_parent_nests_its_members_and_carries_the_spread(tmp_path):
     runs = {run.info.run_id: run for run in client.search_runs([first["experiment_id"]])}
     assert len(runs) == 1 + 3 * 3  # the sweep, and per member its pair run with two stage runs
     parent = runs[first["sweep_run_id"]]
-    assert parent.info.run_name == "sweeps/demo_seeds" and parent.info.status == "FINISHED"
+    assert parent.info.run_name == "sweep · demo_seeds" and parent.info.status == "FINISHED"
+    # The sweep spans its members' runs.
+    member_runs = [runs[record["parent_run_id"]].info for record in records]
+    assert parent.info.start_time == min(info.start_time for info in member_runs)
+    assert parent.info.end_time == max(info.end_time for info in member_runs)
     assert {k: parent.data.tags[k] for k in ("sweep", "stage", "config_hash", "git_commit")} == {
         "sweep": "demo_seeds", "stage": "sweep", "config_hash": "sweep1", "git_commit": "42af0a2"}
     assert "mlflow.parentRunId" not in parent.data.tags
     metrics = parent.data.metrics
     assert metrics["finetuned_mean_recall_mean"] == 63.0
-    assert metrics["finetuned_mean_recall_std"] == pytest.approx(math.sqrt(13))
+    assert metrics["finetuned_mean_recall_std"] == round(math.sqrt(13), 4)  # rounded as every logged figure
     assert (metrics["finetuned_mean_recall_min"], metrics["finetuned_mean_recall_max"]) == (60.0, 67.0)
     assert metrics["zeroshot_mean_recall_mean"] == 4.5 and metrics["members"] == 3.0
+    # The headline a pair's parent shows, here as means over the seeds.
+    assert (metrics["finetuned_mean_recall"], metrics["zeroshot_mean_recall"], metrics["mean_recall_gain"]) == (
+        63.0, 4.5, 58.5)
     assert parent.data.params["sweep.seeds"] == "[1, 2, 3]"
     assert parent.data.params["sweep.pairs"] == '["demo_cn/ernie_vil"]'
     assert sorted(a.path for a in client.list_artifacts(parent.info.run_id)) == ["summary.csv", "summary.md"]

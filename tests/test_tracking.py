@@ -66,6 +66,11 @@ PARAMS = {
 
 
 def expected_metrics(stage_block: dict) -> dict[str, float]:
+    """A stage's metrics as the run shows them: rounded to 4 decimals, as the leaderboard's CSV."""
+    return {key: round(value, 4) for key, value in recorded_metrics(stage_block).items()}
+
+
+def recorded_metrics(stage_block: dict) -> dict[str, float]:
     values = {}
     for direction, prefix in (("text_to_image", "t2i"), ("image_to_text", "i2t")):
         for key in ("r1", "r5", "r10", "mean_recall"):
@@ -83,19 +88,32 @@ def loss_at(step: int) -> float:
 def train_record(step: int) -> dict:
     # A loss of two parts, as BridgeTower logs it.
     return {"event": "train", "step": step, "epoch": step / 10, "loss": loss_at(step), "lr": 1e-5 * step,
-            "samples_per_second": 100.0 + step, "logit_scale": 14.0 + step / 100, "time": 1795647157.0 + step,
+            "samples_per_second": 100.0 + step, "logit_scale": 14.0 + step / 100, "time": TRAIN_START + step,
             "loss_parts": {"itc": 0.75 * loss_at(step), "itm": 0.25 * loss_at(step)}}
+
+
+# The run facts and the resolved recipe a start record holds (vlretrieval.training.finetune run_info).
+HPARAMS = {"seed": 3, "lr_scheduler_type": "cosine", "max_grad_norm": 1.0, "learning_rate": 0.0005,
+           "per_device_train_batch_size": 16}
+RUN_FACTS = {"world_size": 2, "per_device_batch_size": 16, "global_batch_size": 32, "gradient_accumulation_steps": 1,
+             "device": "cpu", "family": "ernie_vil"}
+TRAIN_START = 1795647157.0
+# When each stage's extraction and ranking jobs ended (unix seconds): zero-shot before training, fine-tuned after.
+STAGE_JOB_ENDS = {"zeroshot": (TRAIN_START - 60.0, TRAIN_START - 55.0), "finetuned": (TRAIN_START + 90.0, TRAIN_START + 94.0)}
 
 
 def write_train_log(path: Path, steps: range, *, end: bool = True, mode: str = "w") -> None:
     with open(path, mode, encoding="utf-8") as handle:
         if mode == "w":
-            handle.write(json.dumps({"event": "start", "step": 0, "world_size": 2, "max_steps": STEPS}) + "\n")
+            handle.write(json.dumps({"event": "start", "step": 0, "time": TRAIN_START, **RUN_FACTS,
+                                     "hparams": HPARAMS, "max_steps": STEPS}) + "\n")
         for step in steps:
             handle.write(json.dumps(train_record(step)) + "\n")
         if end:
-            handle.write(json.dumps({"event": "end", "step": steps[-1], "train_runtime": 12.5,
-                                     "train_samples_per_second": 153.6, "mean_loss": 3.1}) + "\n")
+            # The trainer's own runtime is a little shorter than the span of the log's records.
+            handle.write(json.dumps({"event": "end", "step": steps[-1], "time": TRAIN_START + steps[-1] + 0.5,
+                                     "train_runtime": steps[-1] - 0.3, "train_samples_per_second": 153.6,
+                                     "mean_loss": 3.1}) + "\n")
 
 
 def make_pair(root: Path, dataset: str = "demo_cn", model: str = "ernie_vil") -> dict:
@@ -116,9 +134,29 @@ def make_pair(root: Path, dataset: str = "demo_cn", model: str = "ernie_vil") ->
     work = root / "work" / dataset / model
     work.mkdir(parents=True)
     write_train_log(work / "train_log.jsonl", range(1, STEPS + 1))
-    report = root / "resources" / dataset / "test" / "validation_report.json"
-    report.parent.mkdir(parents=True)
-    report.write_text(json.dumps({"kept_texts": 5, "skipped": []}) + "\n", encoding="utf-8")
+    split_dir = root / "resources" / dataset / "lmdb" / "test"
+    split_dir.mkdir(parents=True)
+    (split_dir / "texts.jsonl").write_text(
+        "".join(json.dumps({"text_id": t, "text": f"caption {t}", "image_ids": [1101]}) + "\n" for t in range(5501, 5506)),
+        encoding="utf-8")
+    report = split_dir / "validation_report.json"
+    report.write_text(json.dumps({"kept_texts": 5, "kept_images": 3, "skipped": []}) + "\n", encoding="utf-8")
+    # Each stage's extraction and ranking jobs, timed by Snakemake: wall seconds, file written at the end.
+    stage_benchmarks = {}
+    for stage, (extract_end, rank_end) in STAGE_JOB_ENDS.items():
+        stage_benchmarks[stage] = []
+        for rule, end, seconds in (("extract_features", extract_end, 2.25), ("rank", rank_end, 1.5)):
+            path = root / "benchmarks" / rule / dataset / model / f"{stage}.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"s\th:m:s\tmax_rss\n{seconds}\t0:00:0{int(seconds)}\t120.3\n", encoding="utf-8")
+            os.utime(path, (end, end))
+            stage_benchmarks[stage].append(path)
+    figures = []
+    for name in ("recall_at_k.png", "train_loss.png"):
+        figure = root / "results" / "figures" / dataset / model / name
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        figure.write_bytes(b"\x89PNG\r\n\x1a\n" + name.encode())
+        figures.append(figure)
     bench = root / "benchmarks" / dataset / model / "evaluate.tsv"
     bench.parent.mkdir(parents=True)
     bench.write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t120.3\n", encoding="utf-8")
@@ -129,6 +167,7 @@ def make_pair(root: Path, dataset: str = "demo_cn", model: str = "ernie_vil") ->
         "experiment": EXPERIMENT, "dataset": dataset, "model": model, "results_dir": results,
         "params": PARAMS, "git_commit": "42af0a2", "dataset_checksum": "sha256:" + "ab" * 32,
         "train_log": work / "train_log.jsonl", "validation_report": report, "artifact_files": [bench, log],
+        "split_dir": split_dir, "stage_benchmarks": stage_benchmarks, "figures": figures,
     }
 
 
@@ -190,13 +229,18 @@ def test_sqlite_tracking_is_complete_and_idempotent(tmp_path):
     client = MlflowClient(uri)
     experiment = client.get_experiment(first["experiment_id"])
     assert experiment.name == EXPERIMENT
+    # The store is outside the current directory here, so its artifact root stays absolute.
     assert experiment.artifact_location == (tmp_path / "store" / "mlartifacts").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = {run.info.run_id: run for run in client.search_runs([first["experiment_id"]])}
     assert len(runs) == 4
     assert set(first["runs"]) == {"finetune", "zeroshot", "finetuned"}
     assert first["missing_artifacts"] == []
 
     parent = runs[first["parent_run_id"]]
+    names = {stage: runs[run_id].info.run_name for stage, run_id in [("pair", parent.info.run_id), *first["runs"].items()]}
+    assert names == {"pair": "demo_cn / ernie_vil", "finetune": "ernie_vil · train",
+                     "zeroshot": "ernie_vil · eval zero-shot", "finetuned": "ernie_vil · eval fine-tuned"}
     for stage, run_id in [("pair", first["parent_run_id"]), *first["runs"].items()]:
         run = runs[run_id]
         assert run.info.status == "FINISHED"
@@ -205,23 +249,34 @@ def test_sqlite_tracking_is_complete_and_idempotent(tmp_path):
             "dataset": "demo_cn", "model": "ernie_vil", "stage": stage, "config_hash": "cfg1",
             "git_commit": "42af0a2", "dataset_checksum": pair["dataset_checksum"]}
         assert tags.get("mlflow.parentRunId") == (None if stage == "pair" else parent.info.run_id)
-        assert run.data.params == {
-            "train.learning_rate": "0.0005", "train.max_steps": str(STEPS), "train.hflip": "false",
-            "train.schedule": '["cosine", 50]', "eval.max_len": "52", "eval.k": "10", "model_dir": "null"}
+    # The shared config once, on the parent; the training run holds what the trainer resolved.
+    assert parent.data.params == {
+        "train.learning_rate": "0.0005", "train.max_steps": str(STEPS), "train.hflip": "false",
+        "train.schedule": '["cosine", 50]', "eval.max_len": "52", "eval.k": "10", "model_dir": "null"}
+    assert runs[first["runs"]["finetune"]].data.params == {
+        "seed": "3", "lr_scheduler_type": "cosine", "max_grad_norm": "1.0", "learning_rate": "0.0005",
+        "per_device_train_batch_size": "16", "world_size": "2", "per_device_batch_size": "16",
+        "global_batch_size": "32", "gradient_accumulation_steps": "1", "device": "cpu", "family": "ernie_vil",
+        "max_steps": str(STEPS)}
+    # The headline figures of the pair, rounded as metrics.json's figures are.
+    assert parent.data.metrics == {"zeroshot_mean_recall": 4.6667, "finetuned_mean_recall": 61.2,
+                                   "mean_recall_gain": 56.5333}
 
     for stage, block in STAGE_METRICS.items():
         run = runs[first["runs"][stage]]
+        assert run.data.params == {"split": "test", "num_texts": "5", "num_images": "3", "k": "10"}
         assert set(run.data.metrics) == set(EVAL_METRIC_KEYS) | set(EVAL_INTERVAL_KEYS)
-        assert run.data.metrics == expected_metrics(block)  # exact: no rounding on the way
+        assert run.data.metrics == expected_metrics(block)
         assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
             "i2t_predictions.jsonl", "metrics.json", "t2i_predictions.jsonl"]
         artifact_dir = Path(urllib.parse.urlparse(run.info.artifact_uri).path)
         assert (artifact_dir / "t2i_predictions.jsonl").read_bytes() == (results / stage / "t2i_predictions.jsonl").read_bytes()
+    assert runs[first["runs"]["finetuned"]].data.metrics["i2t_r5"] == 57.0  # recorded as 56.99999999999999
 
     finetune_id = first["runs"]["finetune"]
     loss = client.get_metric_history(finetune_id, "train_loss")
     assert sorted((m.step, m.value) for m in loss) == [(s, loss_at(s)) for s in range(1, STEPS + 1)]
-    assert {m.step: m.timestamp for m in loss}[3] == int((1795647157.0 + 3) * 1000)
+    assert {m.step: m.timestamp for m in loss}[3] == int((TRAIN_START + 3) * 1000)
     lr = client.get_metric_history(finetune_id, "learning_rate")
     assert sorted((m.step, m.value) for m in lr) == [(s, 1e-5 * s) for s in range(1, STEPS + 1)]
     for part, share in (("itc", 0.75), ("itm", 0.25)):
@@ -233,7 +288,9 @@ def test_sqlite_tracking_is_complete_and_idempotent(tmp_path):
     assert [a.path for a in client.list_artifacts(finetune_id)] == ["train_log.jsonl"]
 
     assert sorted(a.path for a in client.list_artifacts(parent.info.run_id)) == [
-        "metrics.json", "validation_report.json", "workflow"]
+        "figures", "metrics.json", "validation_report.json", "workflow"]
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "figures")) == [
+        "figures/recall_at_k.png", "figures/train_loss.png"]
     assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "workflow")) == [
         "workflow/benchmarks", "workflow/logs"]
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "workflow/benchmarks/demo_cn/ernie_vil")] == [
@@ -362,9 +419,11 @@ while not go.exists():
     if time.monotonic() > deadline:
         sys.exit("no start signal")
     time.sleep(0.005)
-for key in ("results_dir", "train_log", "validation_report"):
+for key in ("results_dir", "train_log", "validation_report", "split_dir"):
     spec[key] = Path(spec[key])
-spec["artifact_files"] = [Path(p) for p in spec["artifact_files"]]
+for key in ("artifact_files", "figures"):
+    spec[key] = [Path(p) for p in spec[key]]
+spec["stage_benchmarks"] = {stage: [Path(p) for p in paths] for stage, paths in spec["stage_benchmarks"].items()}
 print(json.dumps(track_pair(**spec)))
 """
 
@@ -377,11 +436,9 @@ def test_parallel_jobs_share_one_new_sqlite_store(tmp_path):
     procs = []
     for index, dataset in enumerate(("demo_a", "demo_b")):
         pair = make_pair(tmp_path / dataset, dataset=dataset)
-        spec = {key: (str(v) if isinstance(v, Path) else [str(p) for p in v] if key == "artifact_files" else v)
-                for key, v in pair.items()}
-        spec.update(tracking_uri=uri, config_hash="cfg1", ready=str(tmp_path / f"ready{index}"), go=str(go))
+        spec = dict(pair, tracking_uri=uri, config_hash="cfg1", ready=str(tmp_path / f"ready{index}"), go=str(go))
         spec_path = tmp_path / f"spec{index}.json"
-        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        spec_path.write_text(json.dumps(spec, default=str), encoding="utf-8")
         procs.append(subprocess.Popen([sys.executable, "-c", CHILD, str(spec_path)], cwd=tmp_path,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     # Both import MLflow first, then start together, so they race on creating the schema and experiment.
@@ -489,7 +546,7 @@ def test_tracking_server_over_rest(tmp_path, mlflow_server):
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert tags["stage"] == stage and tags["mlflow.parentRunId"] == result["parent_run_id"]
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
-        assert params["train.learning_rate"] == "0.0005"
+        assert params["seed" if stage == "finetune" else "split"] == ("3" if stage == "finetune" else "test")
         if stage in STAGE_METRICS:
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
             assert metrics == expected_metrics(STAGE_METRICS[stage])

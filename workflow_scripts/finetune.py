@@ -7,11 +7,13 @@ on every node with --nnodes, --node-rank and --master (the same host:port everyw
 """
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
 from vlretrieval.cli import json_arg, run
 from vlretrieval.config import CONFIG_SCHEMA, schema_default
+from vlretrieval.tracking.mlflow_tracking.system import SystemSampler, system_metrics_path
 from vlretrieval.training.launch_plan import complete_slurm_environ, resolve_launch_plan
 from vlretrieval.training.launcher import launch_finetune
 
@@ -38,10 +40,13 @@ def main(argv=None):
         complete_slurm_environ(os.environ), args.gpus, args.ranks,
         nnodes=args.nnodes, node_rank=args.node_rank, master=args.master, master_port=args.master_port,
     )
-    launch_finetune(
-        args.model_dir, args.train_data, args.work_dir, args.final_dir,
-        train_log_copy=args.train_log, plan=plan, hparams=args.hparams, regions=args.regions,
-    )
+    # Node 0 holds rank 0, which writes the training log; its machine is sampled for the MLflow run.
+    sampling = SystemSampler(system_metrics_path(args.train_log)) if plan.node_rank == 0 else contextlib.nullcontext()
+    with sampling:
+        launch_finetune(
+            args.model_dir, args.train_data, args.work_dir, args.final_dir,
+            train_log_copy=args.train_log, plan=plan, hparams=args.hparams, regions=args.regions,
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shlex
 import sys
@@ -47,14 +48,30 @@ def leaderboard_lines(results_dir: str | os.PathLike) -> list[str]:
     return lines
 
 
-def overview(results_dir: str | os.PathLike, tracking_uri: str) -> str:
+def experiment_id(work_dir: str | os.PathLike) -> str | None:
+    """The MLflow experiment the track jobs wrote to, from their ``tracking.json`` records."""
+    for record in sorted(Path(work_dir).glob("*/*/tracking.json")):
+        try:
+            found = json.loads(record.read_text(encoding="utf-8")).get("experiment_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if found is not None:
+            return str(found)
+    return None
+
+
+def overview(results_dir: str | os.PathLike, tracking_uri: str, work_dir: str | os.PathLike = "work") -> str:
     """The leaderboard in short, then the commands that open the runs, the report and the figures."""
+    from .mlflow_tracking.pair import experiment_link
+
     results = Path(results_dir)
     first = _first_pair(results)
+    experiment = experiment_id(work_dir)
+    link = experiment_link(tracking_uri, experiment) if experiment is not None else "http://127.0.0.1:5000"
     lines = [f"Mean recall (%) with its 95% interval over queries; the whole table: {results / 'summary.md'}",
              *leaderboard_lines(results), "", "Where to look next:",
              f"  runs      {_command('mlflow')} ui --backend-store-uri {shlex.quote(tracking_uri)}"
-             "   (then open http://127.0.0.1:5000)",
+             f"   then open {link}",
              f"  report    {_command('snakemake')} --report report.html   (leaderboard, figures, retrievals)",
              f"  figures   {results / 'figures'}/"]
     if first is not None:

@@ -13,11 +13,13 @@ row for each of ``mean``, ``std`` (sample standard deviation, ddof=1; empty for 
 In MLflow (:func:`track_sweep`) the sweep gets one parent run, and the parent run of each member
 (tracked like any pair) is nested under it::
 
-    sweeps/{name}                        stage=sweep   {stage}_mean_recall_{mean,std,min,max}, summary
-    ├── {dataset}/{member}               stage=pair    (a member's own runs, as for any pair)
-    │   ├── {dataset}/{member}/finetune
-    │   ├── {dataset}/{member}/zeroshot
-    │   └── {dataset}/{member}/finetuned
+    "sweep · {name}"                      stage=sweep   {stage}_mean_recall (mean over seeds),
+    │                                                   mean_recall_gain, {stage}_mean_recall_{mean,std,
+    │                                                   min,max}, summary
+    ├── "{dataset} / {member}"            stage=pair    (a member's own runs, as for any pair)
+    │   ├── "{member} · train"
+    │   ├── "{member} · eval zero-shot"
+    │   └── "{member} · eval fine-tuned"
     └── ...
 
 The parent is found again by its tags (``sweep``, ``stage``, ``config_hash``), the hash covering the
@@ -42,15 +44,17 @@ from ..errors import DataError
 from ..io import atomic_open
 from ..retrieval.evaluate import METRICS_FILE
 from .mlflow_tracking import (
-    _WORK_HTTP_ENV,
+    JobSpan,
     TrackingError,
-    _check_filter_value,
     _environment,
-    _is_http,
     _PairTracker,
-    _sqlite_artifact_location,
     _Store,
+    check_filter_value,
+    enclosing_span,
     flatten_params,
+    headline_metrics,
+    read_stage_metrics,
+    work_environment,
 )
 
 _logger = logging.getLogger(__name__)
@@ -83,57 +87,18 @@ class StageFigures:
 # --------------------------------------------------------------------------------------------------
 
 
-def _number(value: Any, where: str, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(where, f"{what} must be a number, found {value!r}")
-    return float(value)
-
-
-def _interval(value: Any, where: str, what: str) -> tuple[float, float]:
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise DataError(where, f"{what} must be [low, high], found {value!r}")
-    low, high = (_number(end, where, what) for end in value)
-    if low > high:
-        raise DataError(where, f"{what} has its low end {low} above its high end {high}")
-    return low, high
-
-
 def read_member_metrics(metrics_path: str | Path, *, dataset: str, model: str) -> dict[str, StageFigures]:
-    """``{stage: StageFigures}`` from a member's ``metrics.json``, intervals read where present."""
-    where = str(metrics_path)
-    try:
-        document = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(where, "metrics file not found; the score rule writes it") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}:{exc.lineno}", f"invalid JSON: {exc.msg}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("stages"), dict):
-        raise DataError(where, 'expected an object with a "stages" object')
-    for key, expected in (("dataset", dataset), ("model", model)):
-        if document.get(key) != expected:
-            raise DataError(where, f"{key} is {document.get(key)!r}, but the sweep member is {dataset}/{model}")
-    stages = {}
-    for stage, block in document["stages"].items():
-        stage_where = f"{where} (stage={stage})"
-        if not isinstance(block, dict):
-            raise DataError(stage_where, "expected an object of recall blocks")
-        figures = StageFigures({}, {})
-        for direction, prefix in _DIRECTIONS:
-            recall = block.get(direction)
-            if not isinstance(recall, dict):
-                raise DataError(stage_where, f'missing the "{direction}" block')
-            intervals = recall.get("ci95", {})
-            if not isinstance(intervals, dict):
-                raise DataError(stage_where, f'"{direction}.ci95" must map a figure to [low, high]')
-            for key in _RECALLS:
-                figures.values[f"{prefix}_{key}"] = _number(recall.get(key), stage_where, f"{direction}.{key}")
-                if key in intervals:
-                    figures.ci95[f"{prefix}_{key}"] = _interval(intervals[key], stage_where, f"{direction}.ci95.{key}")
-        figures.values["mean_recall"] = _number(block.get("mean_recall"), stage_where, "mean_recall")
-        if "ci95_mean_recall" in block:
-            figures.ci95["mean_recall"] = _interval(block["ci95_mean_recall"], stage_where, "ci95_mean_recall")
-        stages[str(stage)] = figures
-    return stages
+    """``{stage: StageFigures}`` from a member's ``metrics.json``, intervals read where present; the
+    file must name the member, and is checked as every tracked pair's is."""
+    stages = read_stage_metrics(Path(metrics_path), dataset=dataset, model=model, require_identity=True)
+    result = {}
+    for stage, values in stages.items():
+        figures = StageFigures({figure: values[figure] for figure in FIGURES}, {})
+        for figure in FIGURES:
+            if f"{figure}_ci_low" in values:
+                figures.ci95[figure] = (values[f"{figure}_ci_low"], values[f"{figure}_ci_high"])
+        result[stage] = figures
+    return result
 
 
 def load_sweep(plan: Mapping[str, Any]) -> list[tuple[dict, dict[str, StageFigures]]]:
@@ -222,7 +187,9 @@ def _row(sweep: str, member: dict, stage: str, statistic: str) -> dict[str, Any]
 
 def sweep_metrics(loaded: Sequence[tuple[dict, dict[str, StageFigures]]]) -> dict[str, float]:
     """The sweep parent's metrics: each stage's mean recall over seeds (mean, std, min, max), named
-    ``{stage}_mean_recall_{statistic}``, behind ``{configuration}/`` when there is more than one."""
+    ``{stage}_mean_recall_{statistic}``, and the headline a pair's parent carries (``{stage}_mean_recall``
+    and ``mean_recall_gain``, here means over seeds), behind ``{configuration}/`` when there is more
+    than one configuration."""
     per_configuration = aggregates(loaded)
     metrics: dict[str, float] = {"members": float(len(loaded))}
     for configuration, per_stage in per_configuration.items():
@@ -231,6 +198,9 @@ def sweep_metrics(loaded: Sequence[tuple[dict, dict[str, StageFigures]]]) -> dic
             for statistic, value in figures["mean_recall"].items():
                 if value is not None:
                     metrics[f"{prefix}{stage}_mean_recall_{statistic}"] = value
+        # The names a pair's parent run uses, so one column of the runs table reads both.
+        means = {stage: {"mean_recall": figures["mean_recall"]["mean"]} for stage, figures in per_stage.items()}
+        metrics.update({f"{prefix}{key}": value for key, value in headline_metrics(means).items()})
     return metrics
 
 
@@ -317,6 +287,10 @@ def write_summary(plan: Mapping[str, Any], loaded: Sequence[tuple[dict, dict[str
 # --------------------------------------------------------------------------------------------------
 
 
+def sweep_run_name(sweep: str) -> str:
+    return f"sweep · {sweep}"
+
+
 def _member_run_id(record: Mapping[str, Any], member: Mapping[str, Any]) -> str:
     run_id = record.get("parent_run_id") if isinstance(record, Mapping) else None
     if not isinstance(run_id, str) or not run_id:
@@ -333,7 +307,7 @@ def track_sweep(*, tracking_uri: str, experiment: str, plan: Mapping[str, Any],
     plan's order. Returns ``{"experiment_id", "sweep_run_id", "members": {dataset/member: run_id}}``.
     Every input is read and checked before MLflow is called, so a bad one leaves no run half-updated.
     """
-    name = _check_filter_value("sweep", plan["name"])
+    name = check_filter_value("sweep", plan["name"])
     if len(member_records) != len(plan["members"]):
         raise TrackingError(f"sweep {name}: {len(member_records)} tracking records for {len(plan['members'])} members")
     member_runs = {f"{m['dataset']}/{m['model']}": _member_run_id(r, m) for m, r in zip(plan["members"], member_records)}
@@ -341,41 +315,41 @@ def track_sweep(*, tracking_uri: str, experiment: str, plan: Mapping[str, Any],
     metrics = sweep_metrics(loaded)
     settings = {key: plan.get(key) for key in ("description", "pairs", "seeds", "grid")}
     params = flatten_params({"sweep": settings})
-    base_tags = {"sweep": name, "config_hash": _check_filter_value("config_hash", config_hash),
+    base_tags = {"sweep": name, "config_hash": check_filter_value("config_hash", config_hash),
                  "git_commit": str(git_commit or "")}
 
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    http = _is_http(tracking_uri)
-    work_env = {**(_WORK_HTTP_ENV if http else {}), "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-    with _environment(work_env, keep_user_values=True):
+    with _environment(work_environment(tracking_uri), keep_user_values=True):
         store = _Store(tracking_uri, retries=retries, results_dir=Path("results"))
-        if http:
-            store.probe()
-        experiment_id = store.experiment_id(experiment, _sqlite_artifact_location(tracking_uri))
+        store.probe()
+        experiment_id = store.experiment_id(experiment)
         for member, record in zip(plan["members"], member_records):
             if str(record.get("experiment_id", experiment_id)) != str(experiment_id):
                 raise TrackingError(
                     f"member {member['dataset']}/{member['model']} was tracked in experiment id "
                     f"{record.get('experiment_id')}, the sweep goes to {experiment!r} (id {experiment_id}); "
                     f"re-run the member's track rule with the same tracking settings")
-        tracker = _PairTracker(store, experiment_id, base_tags=base_tags, params=params, run_prefix=f"sweeps/{name}",
-                               identity_tags=SWEEP_IDENTITY_TAGS)
+        member_run_objects = {label: store.call(f"read the run {run_id} of member {label}", store.client.get_run, run_id)
+                              for label, run_id in member_runs.items()}
+        # The sweep ran from its first member's first job to its last member's last one.
+        span = enclosing_span([JobSpan(run.info.start_time, run.info.end_time)
+                               for run in member_run_objects.values() if run.info.start_time and run.info.end_time])
+        tracker = _PairTracker(store, experiment_id, base_tags=base_tags, identity_tags=SWEEP_IDENTITY_TAGS)
         try:
-            parent = tracker.run(SWEEP_STAGE, None, run_name=f"sweeps/{name}")
+            parent = tracker.run(SWEEP_STAGE, None, name=sweep_run_name(name), span=span)
             parent_id = parent.info.run_id
-            tracker.sync_tags_and_params(parent, SWEEP_STAGE)
-            tracker.log_changed_values(parent, SWEEP_STAGE, metrics)
+            tracker.sync_tags_and_params(parent, SWEEP_STAGE, params)
+            tracker.log_changed_values(parent, SWEEP_STAGE, metrics, at_ms=span.end_ms if span else None)
             with tempfile.TemporaryDirectory(prefix="vlretrieval-sweep-") as tmp:
                 write_summary(plan, loaded, Path(tmp) / SUMMARY_CSV, Path(tmp) / SUMMARY_MD)
                 tracker.log_file(parent, Path(tmp) / SUMMARY_CSV)
                 tracker.log_file(parent, Path(tmp) / SUMMARY_MD)
-            for label, run_id in member_runs.items():
-                run = store.call(f"read the run {run_id} of member {label}", store.client.get_run, run_id)
+            for label, run in member_run_objects.items():
                 if run.data.tags.get(MLFLOW_PARENT_RUN_ID) != parent_id:
                     store.call(f"nest member {label} under the sweep run", store.client.set_tag,
-                               run_id, MLFLOW_PARENT_RUN_ID, parent_id)
-            tracker.finish([parent_id])
+                               run.info.run_id, MLFLOW_PARENT_RUN_ID, parent_id)
+            tracker.finish(parent_id, span)
         except Exception:
             tracker.mark_failed()
             raise
