@@ -1,4 +1,4 @@
-# Leaderboard and figures for `snakemake --report report.html`.
+# Leaderboard, figures and retrieval galleries for `snakemake --report report.html` (or report.zip).
 
 
 report: "../report/workflow.rst"
@@ -9,8 +9,10 @@ rule leaderboard:
         grid_results(),
         reported=workflow_path("config/reported.yaml"),
     output:
-        csv=report("results/summary.csv", caption="../report/leaderboard.rst", category="Leaderboard"),
+        csv=report("results/summary.csv", caption="../report/leaderboard_csv.rst", category="Leaderboard"),
         md="results/summary.md",
+        # The report shows an HTML page inline; a CSV it can only offer for download.
+        html=report("results/summary.html", caption="../report/leaderboard.rst", category="Leaderboard"),
     params:
         script=workflow_script("leaderboard.py"),
         resamples=config["evaluation"]["bootstrap"]["resamples"],
@@ -27,7 +29,8 @@ rule leaderboard:
         "../envs/cpu.yaml"
     shell:
         "python {params.script} --results-dir results --reported {input.reported}"
-        " --csv {output.csv} --md {output.md} --resamples {params.resamples} --seed {params.seed}"
+        " --csv {output.csv} --md {output.md} --html {output.html}"
+        " --resamples {params.resamples} --seed {params.seed}"
         " > {log} 2>&1"
 
 
@@ -87,3 +90,36 @@ rule loss_curve:
     shell:
         "python {params.script} --train-log {input} --title '{wildcards.dataset} / {wildcards.model}'"
         " --out {output} > {log} 2>&1"
+
+
+rule gallery:
+    input:
+        results="results/{dataset}/{model}",
+        split=eval_split_dir,
+    output:
+        report(
+            "results/galleries/{dataset}/{model}.html",
+            caption="../report/gallery.rst",
+            category="Retrievals",
+            subcategory="{dataset} / {model}",
+        ),
+    params:
+        script=workflow_script("gallery.py"),
+        queries=config["report"]["gallery"]["queries"],
+        top=config["report"]["gallery"]["top"],
+        seed=config["report"]["gallery"]["seed"],
+        thumbnail=config["report"]["gallery"]["thumbnail"],
+    log:
+        "logs/gallery/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/gallery/{dataset}/{model}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python {params.script} --results {input.results} --split {input.split} --out {output}"
+        " --queries {params.queries} --top {params.top} --seed {params.seed} --thumbnail {params.thumbnail}"
+        " > {log} 2>&1"

@@ -13,6 +13,7 @@ import yaml
 from vlretrieval.data.lmdb_store import SplitStore
 
 from .conftest import REPO, BIN, snakemake_env, tiny_demo_entry
+from .test_report import check_report
 
 
 def test_lint_is_clean():
@@ -37,11 +38,11 @@ def test_default_dag_plans_every_stage(workflow):
     pairs = len(_default_grid())
     # Every demo pair: the train split for fine-tuning, the test split for evaluation (both shared by
     # the pairs), and two evaluated stages (zero-shot and fine-tuned), each exported for the inference
-    # engine, extracted and ranked; then tracking, the leaderboard and the report's figures.
+    # engine, extracted and ranked; then tracking, the leaderboard and the report's figures and galleries.
     assert counts == {
         "demo_archive": 1, "download": 1, "serialize": 2, "prepare_model": pairs, "finetune": pairs,
         "export_stage": 2 * pairs, "extract_features": 2 * pairs, "rank": 2 * pairs, "score": pairs,
-        "track": pairs, "leaderboard": 1, "recall_curves": pairs, "loss_curve": pairs, "all": 1,
+        "track": pairs, "leaderboard": 1, "recall_curves": pairs, "loss_curve": pairs, "gallery": pairs, "all": 1,
     }
 
 
@@ -210,8 +211,10 @@ def test_demo_grid_end_to_end_meets_quality_bar(workflow):
         metrics[(dataset, model)] = _check_pair_metrics(workflow.workdir, dataset, model)
         _check_demo_predictions(workflow.workdir, dataset, model)
 
-    # Tracking: each pair's runs in the SQLite store carry exactly the metrics.json values.
+    # Tracking: each pair's runs in the SQLite store carry the metrics.json values, rounded as logged.
     from mlflow.tracking import MlflowClient
+
+    from vlretrieval.tracking.mlflow_tracking import rounded
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workflow.workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("vlretrieval")
@@ -224,17 +227,25 @@ def test_demo_grid_end_to_end_meets_quality_bar(workflow):
             stage = run.data.tags["stage"]
             if stage in metrics[(dataset, model)]["stages"]:
                 scores = metrics[(dataset, model)]["stages"][stage]
-                assert run.data.metrics["t2i_r1"] == scores["text_to_image"]["r1"]
-                assert run.data.metrics["i2t_mean_recall"] == scores["image_to_text"]["mean_recall"]
-                assert run.data.metrics["mean_recall"] == scores["mean_recall"]
-                assert [run.data.metrics[f"mean_recall_ci_{end}"] for end in ("low", "high")] == scores["ci95_mean_recall"]
-                assert run.data.metrics["t2i_r1_ci_low"] == scores["text_to_image"]["ci95"]["r1"][0]
+                assert run.data.metrics["t2i_r1"] == rounded(scores["text_to_image"]["r1"])
+                assert run.data.metrics["i2t_mean_recall"] == rounded(scores["image_to_text"]["mean_recall"])
+                assert run.data.metrics["mean_recall"] == rounded(scores["mean_recall"])
+                assert [run.data.metrics[f"mean_recall_ci_{end}"] for end in ("low", "high")] == [
+                    rounded(end) for end in scores["ci95_mean_recall"]]
+                assert run.data.metrics["t2i_r1_ci_low"] == rounded(scores["text_to_image"]["ci95"]["r1"][0])
+            if stage == "pair":
+                assert run.data.metrics["finetuned_mean_recall"] == rounded(
+                    metrics[(dataset, model)]["stages"]["finetuned"]["mean_recall"])
         steps = _read_jsonl(workflow.workdir / f"work/{dataset}/{model}/train_log.jsonl")
         losses = [row["loss"] for row in steps if row.get("event") == "train"]
         assert len(losses) > 40 and all(loss == loss for loss in losses)  # no NaN
         assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 1.0
         finetune_run = next(run for run in pair_runs if run.data.tags["stage"] == "finetune")
         assert len(client.get_metric_history(finetune_run.info.run_id, "train_loss")) == len(losses)
+        # The training run lasts as long as the training did.
+        [end] = [row for row in steps if row.get("event") == "end"]
+        duration = (finetune_run.info.end_time - finetune_run.info.start_time) / 1000
+        assert abs(duration - end["train_runtime"]) <= 0.1 * end["train_runtime"], (duration, end["train_runtime"])
 
     # Re-running tracking updates the same runs.
     workflow.run("-R", "track")
@@ -271,6 +282,8 @@ def test_demo_grid_end_to_end_meets_quality_bar(workflow):
     workflow.run("--report", "report.html")
     html = (workflow.workdir / "report.html").read_text(encoding="utf-8", errors="replace")
     assert "recall_at_k.png" in html and "train_loss.png" in html and "summary.csv" in html
+    # The leaderboard as a table and a gallery per pair, matching metrics.json and the prediction files.
+    check_report(workflow.workdir / "report.html", workflow.workdir, grid)
 
 
 @pytest.mark.slow
@@ -332,6 +345,9 @@ def test_cross_encoders_run_end_to_end_with_their_protocols(workflow):
             assert all("loss_parts" not in row for row in steps)
     summary = (workflow.workdir / "results" / "summary.csv").read_text(encoding="utf-8")
     assert f"{name},vinvl,finetuned" in summary and f"{name},bridgetower,finetuned" in summary
+    # Cross encoders' rankings in the galleries too, here from the zip form of the report.
+    workflow.run("--report", "report.zip")
+    check_report(workflow.workdir / "report.zip", workflow.workdir, [(name, "vinvl"), (name, "bridgetower")])
 
     # VinVL's initial model was pretrained on the training split first; BridgeTower kept its recipe's
     # learning-rate multipliers under the pair override.

@@ -48,6 +48,7 @@ from .config import (
     validate_pair_overrides,
 )
 from .errors import ConfigError
+from .models.prepare import CAPTION_VOCABULARY_INITS
 from .models.registry import family_spec
 
 CROSS_ENCODER = "cross_encoder"
@@ -328,7 +329,7 @@ class Pipeline:
         for region families."""
         entry = self.model_entry(dataset, model)
         inputs = {}
-        if entry["init"] == "tiny":
+        if entry["init"] in CAPTION_VOCABULARY_INITS:
             inputs["vocab_split"] = f"resources/{dataset}/lmdb/train"
         if entry.get("pretrain"):
             splits = self.dataset_entry(dataset)["splits"]
@@ -386,8 +387,8 @@ class Pipeline:
         return subset(self.model_entry(dataset, model)["eval"], EXTRACTION_KEYS)
 
     def export_settings(self, dataset: str, model: str) -> dict:
-        """The context length an export records for the texts it will be given."""
-        return subset(self.model_entry(dataset, model)["eval"], ("max_len",))
+        """The context length an export records for the texts it will be given, and its precision."""
+        return subset(self.model_entry(dataset, model)["eval"], ("max_len", "precision"))
 
     def protocol(self, dataset: str, model: str) -> dict[str, Any]:
         """How the pair's predictions are made, as recorded in metrics.json."""
@@ -448,21 +449,32 @@ class Pipeline:
     # ---------------------------------------------------------------------------------------------
 
     def tracking_inputs(self, dataset: str, model: str) -> dict[str, Any]:
-        """The fine-tuning log (when the pair fine-tunes) and the pair's Snakemake benchmark files,
-        which are named after the rules that ran: extraction and ranking, or re-ranking."""
+        """The fine-tuning log and a dual encoder's fine-tuned model (when the pair fine-tunes), the
+        pair's Snakemake benchmark files, which are named after the rules that ran (extraction and
+        ranking, or re-ranking), and the pair's figures (a sweep member has none: its sweep's summary
+        shows it)."""
         stages = self.stages(dataset)
-        if self.kind(dataset, model) == CROSS_ENCODER:
-            artifacts = [f"benchmarks/rerank/{dataset}/{model}/{stage}.tsv" for stage in stages]
-        else:
-            artifacts = [f"benchmarks/extract_features/{dataset}/{model}/{stage}.tsv" for stage in stages]
-            artifacts += [f"benchmarks/rank/{dataset}/{model}/{stage}.tsv" for stage in stages]
+        timed = self.stage_benchmarks(dataset, model).values()
+        # Each rule's files together: extraction of every stage, then ranking (or re-ranking).
+        artifacts = [paths[index] for index in range(max(map(len, timed), default=0)) for paths in timed]
         artifacts += [f"benchmarks/score/{dataset}/{model}.tsv", f"benchmarks/prepare_model/{dataset}/{model}.tsv"]
         inputs: dict[str, Any] = {}
         if "finetuned" in stages:
             inputs["train_log"] = f"work/{dataset}/{model}/train_log.jsonl"
             artifacts.append(f"benchmarks/finetune/{dataset}/{model}.tsv")
+            if self.kind(dataset, model) == DUAL_ENCODER:
+                # logged as the training run's MLflow model, which encodes images and texts
+                inputs["finetuned_model"] = self.stage_model_dir(dataset, model, "finetuned")
         inputs["artifacts"] = artifacts
+        inputs["figures"] = [] if (dataset, model) in self._members else self.pair_figures(dataset, model)
         return inputs
+
+    def stage_benchmarks(self, dataset: str, model: str) -> dict[str, list[str]]:
+        """Per evaluated stage, the benchmark files of the jobs that evaluate it, which time its run."""
+        if self.kind(dataset, model) == CROSS_ENCODER:
+            return {stage: [f"benchmarks/rerank/{dataset}/{model}/{stage}.tsv"] for stage in self.stages(dataset)}
+        return {stage: [f"benchmarks/extract_features/{dataset}/{model}/{stage}.tsv",
+                        f"benchmarks/rank/{dataset}/{model}/{stage}.tsv"] for stage in self.stages(dataset)}
 
     def tracking_args(self, dataset: str, model: str) -> str:
         """The fine-tuning log, and for a sweep member the tags that line its runs up with the sweep."""
@@ -494,10 +506,15 @@ class Pipeline:
             figures.append(f"results/figures/{dataset}/{model}/train_loss.png")
         return figures
 
+    def pair_gallery(self, dataset: str, model: str) -> str:
+        """The report's page of what each stage of the pair retrieves for a fixed sample of queries."""
+        return f"results/galleries/{dataset}/{model}.html"
+
     def default_targets(self) -> list[str]:
         targets = self.grid_results() + ["results/summary.csv"]
         for dataset, model in self.grid:
             targets += self.pair_figures(dataset, model)
+            targets.append(self.pair_gallery(dataset, model))
             targets.append(f"work/{dataset}/{model}/tracking.json")
         return targets
 

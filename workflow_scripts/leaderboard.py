@@ -1,4 +1,4 @@
-"""Write results/summary.csv and results/summary.md from every metrics.json present."""
+"""Write results/summary.csv, results/summary.md and results/summary.html from every metrics.json present."""
 
 import argparse
 from pathlib import Path
@@ -14,6 +14,7 @@ def main(argv=None):
     parser.add_argument("--reported", type=Path, required=True, help="numbers reported elsewhere (YAML)")
     parser.add_argument("--csv", type=Path, required=True)
     parser.add_argument("--md", type=Path, required=True)
+    parser.add_argument("--html", type=Path, required=True, help="the table as a self-contained HTML page")
     parser.add_argument("--resamples", type=int,
                         default=schema_default(CONFIG_SCHEMA, "evaluation", "bootstrap", "resamples"),
                         help="permutations of the paired tests (default: evaluation.bootstrap.resamples)")
@@ -22,7 +23,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = leaderboard_rows(find_metrics(args.results_dir), load_reported(args.reported),
                             resamples=args.resamples, seed=args.seed)
-    write_leaderboard(rows, args.csv, args.md)
+    write_leaderboard(rows, args.csv, args.md, args.html)
     print(f"{len(rows)} rows")
 
 

@@ -12,9 +12,11 @@ cannot be paired with it.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -136,14 +138,21 @@ def mark_best(rows: list[dict], *, resamples: int, seed: int) -> None:
             row["vs_best_p"] = report["metrics"][OVERALL]["p_value"]
 
 
-def write_leaderboard(rows: list[dict], csv_path: str | os.PathLike, md_path: str | os.PathLike) -> None:
+def write_leaderboard(rows: list[dict], csv_path: str | os.PathLike, md_path: str | os.PathLike,
+                      html_path: str | os.PathLike | None = None) -> None:
+    """The leaderboard as CSV (every column), and as Markdown and, when ``html_path`` is given, a
+    self-contained HTML page; both show the same columns, from one table of display cells."""
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=COLUMNS)
     with atomic_open(csv_path) as handle:
         frame.to_csv(handle, index=False, float_format="%.4f")
+    header, cells = display_table(frame, [bool(row.get("best")) for row in rows])
     with atomic_open(md_path) as handle:
-        handle.write(_markdown(frame, [bool(row.get("best")) for row in rows]))
+        handle.write(_markdown(header, cells))
+    if html_path is not None:
+        with atomic_open(html_path) as handle:
+            handle.write(_html(header, cells))
 
 
 def _fmt(value: Any) -> str:
@@ -170,27 +179,64 @@ def _vs_best(record: dict, best: bool) -> str:
     return f"{p_value:.3f}" + (" *" if p_value < SIGNIFICANCE else "")
 
 
-def _markdown(frame, best: list[bool]) -> str:
-    shown = ["dataset", "model", "stage", "split", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"]
-    header = ["dataset", "model", "stage", "split", "T2I R@1", "T2I R@5", "T2I R@10", "I2T R@1", "I2T R@5",
-              "I2T R@10", "mean recall [95% CI]", "p vs best", "reported mean recall", "reported by"]
-    lines = [
-        "# Leaderboard",
-        "",
-        "Recall in percent on each dataset's evaluation split; brackets hold the 95% bootstrap interval over",
-        "queries. \"p vs best\" compares the row's mean recall with the best row of the same dataset, split and",
-        f"stage on the same queries (paired sign-flip permutation test); * marks p < {SIGNIFICANCE}. Reported",
-        "numbers come from the papers and model zoos for the same dataset, model, stage and split",
-        "(config/reported.yaml); they are not ours.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
+SHOWN_COLUMNS = ["dataset", "model", "stage", "split", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"]
+DISPLAY_HEADER = ["dataset", "model", "stage", "split", "T2I R@1", "T2I R@5", "T2I R@10", "I2T R@1", "I2T R@5",
+                  "I2T R@10", "mean recall [95% CI]", "p vs best", "reported mean recall", "reported by"]
+TITLE = "Leaderboard"
+EXPLANATION = (
+    "Recall in percent on each dataset's evaluation split; brackets hold the 95% bootstrap interval over "
+    "queries. \"p vs best\" compares the row's mean recall with the best row of the same dataset, split and "
+    f"stage on the same queries (paired sign-flip permutation test); * marks p < {SIGNIFICANCE}. Reported "
+    "numbers come from the papers and model zoos for the same dataset, model, stage and split "
+    "(config/reported.yaml); they are not ours."
+)
+
+
+def display_table(frame, best: list[bool]) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of display cells that the Markdown and HTML leaderboards both show."""
+    rows = []
     for record, is_best in zip(frame.to_dict("records"), best):
-        cells = [_fmt(record[c]) for c in shown]
+        cells = [_fmt(record[c]) for c in SHOWN_COLUMNS]
         cells += [_with_interval(record, "mean_recall"), _vs_best(record, is_best),
                   _fmt(record["reported_mean_recall"]), _fmt(record["reported_source"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    if frame.empty:
-        lines.append("| " + " | ".join(["–"] * len(header)) + " |")
+        rows.append(cells)
+    if not rows:
+        rows.append(["–"] * len(DISPLAY_HEADER))
+    return list(DISPLAY_HEADER), rows
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = [f"# {TITLE}", "", *textwrap.wrap(EXPLANATION, width=104), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
+
+
+# Inline, so the page shows the same inside the Snakemake report's frame, in a browser and offline.
+_HTML_STYLE = """
+body { font-family: system-ui, sans-serif; font-size: 13px; margin: 12px; color: #222; }
+p { max-width: 70em; }
+table { border-collapse: collapse; }
+th, td { padding: 3px 6px; border-bottom: 1px solid #ddd; white-space: nowrap; }
+th { background: #f3f3f3; text-align: left; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; }
+tr.best td { font-weight: 600; }
+"""
+
+
+def _html(header: list[str], rows: list[list[str]]) -> str:
+    numeric = [name not in ("dataset", "model", "stage", "split", "reported by") for name in header]
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in header)
+    body = []
+    for cells in rows:
+        best = " class=\"best\"" if cells[header.index("p vs best")] == "best" else ""
+        tds = "".join(f"<td class=\"number\">{html.escape(cell)}</td>" if is_number else f"<td>{html.escape(cell)}</td>"
+                      for cell, is_number in zip(cells, numeric))
+        body.append(f"<tr{best}>{tds}</tr>")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{TITLE}</title>\n<style>{_HTML_STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>{TITLE}</h1>\n<p>{html.escape(EXPLANATION)}</p>\n"
+        f"<table id=\"leaderboard\">\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body)
+        + "\n</tbody>\n</table>\n</body>\n</html>\n"
+    )

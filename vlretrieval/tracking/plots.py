@@ -49,12 +49,15 @@ def recall_curves(results_dir: str | os.PathLike, gold_texts: str | os.PathLike,
     return curves
 
 
-def plot_recall_curves(results_dir: str | os.PathLike, gold_texts: str | os.PathLike, out_png: str | os.PathLike,
-                       *, title: str, resamples: int, seed: int) -> None:
+def recall_figure(curves: dict[str, dict[str, dict[str, list[float]]]], *, title: str):
+    """The recall@k figure of :func:`recall_curves`: one panel per direction, a line and band per stage.
+
+    The legend goes below the panels, outside them: inside, wherever it sits, it would cover a stage's
+    points or band on some pair (at chance, zero-shot runs along the bottom; fine-tuned, near the top).
+    """
     plt = _pyplot()
-    curves = recall_curves(results_dir, gold_texts, resamples=resamples, seed=seed)
     ks = range(1, MAX_K + 1)
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True, layout="constrained")
     for axis, (direction, label) in zip(axes, (("text_to_image", "text → image"), ("image_to_text", "image → text"))):
         for stage, curve in curves[direction].items():
             (line,) = axis.plot(ks, curve["recall"], marker="o", label=stage)
@@ -66,20 +69,18 @@ def plot_recall_curves(results_dir: str | os.PathLike, gold_texts: str | os.Path
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("recall@k (%)")
     axes[0].set_ylim(0, 100)
-    axes[1].legend(loc="best", title="shaded: 95% bootstrap interval", title_fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=max(len(labels), 1), frameon=False,
+                  title="stage (shaded: 95% bootstrap interval)", title_fontsize="small")
     figure.suptitle(title)
-    figure.tight_layout()
-    with atomic_path(out_png) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    return figure
 
 
-def plot_loss_curve(train_log: str | os.PathLike, out_png: str | os.PathLike, *, title: str) -> None:
-    from ..training.checkpoints import read_train_log
-
-    records = [r for r in read_train_log(train_log) if r.get("event") == "train"]
+def loss_figure(records: list[dict], *, title: str):
+    """The fine-tuning loss per step (left axis) and the learning rate applied (right axis); the legend
+    goes below the axes, where it covers neither curve nor the right axis's ticks."""
     plt = _pyplot()
-    figure, loss_axis = plt.subplots(figsize=(7, 3.6))
+    figure, loss_axis = plt.subplots(figsize=(7, 4.0), layout="constrained")
     steps = [r["step"] for r in records]
     loss_axis.plot(steps, [r["loss"] for r in records], color="tab:blue", label="loss")
     loss_axis.set_xlabel("step")
@@ -87,9 +88,27 @@ def plot_loss_curve(train_log: str | os.PathLike, out_png: str | os.PathLike, *,
     lr_axis = loss_axis.twinx()
     lr_axis.plot(steps, [r["lr"] for r in records], color="tab:orange", alpha=0.6, label="learning rate")
     lr_axis.set_ylabel("learning rate")
-    figure.legend(loc="upper right")
+    handles = loss_axis.get_lines() + lr_axis.get_lines()
+    figure.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncol=2, frameon=False)
     loss_axis.set_title(title)
-    figure.tight_layout()
+    return figure
+
+
+def _save(figure, out_png: str | os.PathLike) -> None:
+    plt = _pyplot()
     with atomic_path(out_png) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
     plt.close(figure)
+
+
+def plot_recall_curves(results_dir: str | os.PathLike, gold_texts: str | os.PathLike, out_png: str | os.PathLike,
+                       *, title: str, resamples: int, seed: int) -> None:
+    curves = recall_curves(results_dir, gold_texts, resamples=resamples, seed=seed)
+    _save(recall_figure(curves, title=title), out_png)
+
+
+def plot_loss_curve(train_log: str | os.PathLike, out_png: str | os.PathLike, *, title: str) -> None:
+    from ..training.checkpoints import read_train_log
+
+    records = [r for r in read_train_log(train_log) if r.get("event") == "train"]
+    _save(loss_figure(records, title=title), out_png)
