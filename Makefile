@@ -49,16 +49,23 @@ slurm-stop:
 lint: setup
 	$(BIN)/snakemake --lint
 
-bench: setup
-	$(BIN)/python bench/bench_lmdb_build.py
-	$(BIN)/python bench/bench_topk.py
-	$(BIN)/python bench/bench_extract.py
-	$(BIN)/python bench/bench_finetune.py
-	$(BIN)/python bench/bench_url_download.py
-	$(BIN)/python bench/bench_inference.py
-	$(BIN)/python bench/bench_arrow.py
-	$(BIN)/python bench/bench_rerank.py
-	$(BIN)/python bench/bench_bridgetower.py
+# Each bench writes its figures to $(BENCH_RESULTS)/<bench>.json; the table in docs/benchmarks.md
+# is then regenerated from those files. bench_topk compares against faiss (test pins).
+BENCH_RESULTS ?= bench/results
+bench: setup-test
+	mkdir -p $(BENCH_RESULTS)
+	$(BIN)/python bench/bench_lmdb_build.py --json $(BENCH_RESULTS)/bench_lmdb_build.json
+	$(BIN)/python bench/bench_base64_decode.py --json $(BENCH_RESULTS)/bench_base64_decode.json
+	$(BIN)/python bench/bench_topk.py --json $(BENCH_RESULTS)/bench_topk.json
+	$(BIN)/python bench/bench_extract.py --json $(BENCH_RESULTS)/bench_extract.json
+	$(BIN)/python bench/bench_finetune.py --json $(BENCH_RESULTS)/bench_finetune.json
+	$(BIN)/python bench/bench_url_download.py --json $(BENCH_RESULTS)/bench_url_download.json
+	$(BIN)/python bench/bench_inference.py --json $(BENCH_RESULTS)/bench_inference.json
+	$(BIN)/python bench/bench_arrow.py --json $(BENCH_RESULTS)/bench_arrow.json
+	$(BIN)/python bench/bench_bootstrap.py --json $(BENCH_RESULTS)/bench_bootstrap.json
+	$(BIN)/python bench/bench_rerank.py --json $(BENCH_RESULTS)/bench_rerank.json
+	$(BIN)/python bench/bench_bridgetower.py --json $(BENCH_RESULTS)/bench_bridgetower.json
+	$(BIN)/python bench/table.py --results $(BENCH_RESULTS) --doc docs/benchmarks.md
 
 clean-results:
 	rm -rf results logs benchmarks

@@ -11,13 +11,12 @@ Generates the same synthetic raw split as ``bench_lmdb_build.py``, then times
 
 Usage::
 
-    python bench/bench_arrow.py [--images 3000] [--captions-per-image 5] [--image-kb 20]
+    python bench/bench_arrow.py [--images 3000] [--captions-per-image 5] [--image-kb 20] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_lmdb_build import SPLIT, generate  # noqa: E402
+from benchjson import write_figures  # noqa: E402
 
 from vlretrieval.data.arrow_store import ArrowSplit, serialize_arrow  # noqa: E402
 from vlretrieval.data.lmdb_store import SplitStore, serialize_split  # noqa: E402
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["JPEG", "PNG", "mixed"], default="JPEG")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a fresh temporary one)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here, by name")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench_arrow.", dir=args.dir))
@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"images ViLT table[...][i]      : {vilt_img:12,.0f} /s   ratio vilt/lmdb {vilt_img / lmdb_img:.2f}x")
         print(f"captions LMDB pair             : {lmdb_cap:12,.0f} /s")
         print(f"captions ArrowSplit.caption    : {arrow_cap:12,.0f} /s   ratio arrow/lmdb {arrow_cap / lmdb_cap:.2f}x")
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        figures = {name: value for name, value in results.items() if name not in ("images", "texts", "cpus")}
+        write_figures(args.json, "bench_arrow", figures, images=sizes["images"], texts=sizes["texts"],
+                      captions_per_image=args.captions_per_image, image_kb=args.image_kb, format=args.format,
+                      seed=args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

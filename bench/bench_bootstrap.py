@@ -16,13 +16,12 @@ The intervals of (a) and (b) estimate the same quantities with different draws; 
 endpoint gap is printed as a check.
 
     python bench/bench_bootstrap.py                        # defaults
-    python bench/bench_bootstrap.py --json bench_bootstrap.json
+    python bench/bench_bootstrap.py --json bench/results/bench_bootstrap.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -38,6 +37,8 @@ from vlretrieval.retrieval.intervals import (
     recall_curve_interval,
     stage_intervals,
 )
+
+from benchjson import write_figures
 from vlretrieval.retrieval.metrics import STANDARD_KS
 from vlretrieval.retrieval.predictions import DIRECTIONS, IMAGE_TO_TEXT, TEXT_TO_IMAGE
 
@@ -116,18 +117,13 @@ def main(argv=None) -> dict:
     load_after = os.getloadavg()
 
     figures = {
-        "texts": args.texts,
-        "images": args.images,
-        "resamples": args.resamples,
         "seconds_per_stage": project_seconds,
         "naive_seconds_per_stage": naive_seconds,
-        "naive_resamples_timed": args.naive_resamples,
         "naive_over_vectorised": naive_seconds / project_seconds,
         "paired_seconds": paired_seconds,
-        "max_endpoint_gap_vs_naive_percent_points": gap,
-        "load_average_before_after": [load_before[0], load_after[0]],
-        "cpus": os.cpu_count(),
     }
+    if gap is not None:
+        figures["max_endpoint_gap_vs_naive_percent_points"] = gap
     print(f"{args.texts} text queries, {args.images} image queries, {args.resamples} resamples")
     print(f"(a) project, every interval and band of one stage: {project_seconds:8.4f} s  best of {args.repeat}  "
           f"(goal < 10 s)")
@@ -138,8 +134,9 @@ def main(argv=None) -> dict:
     if gap is not None:
         print(f"largest interval endpoint gap between (a) and a full run of (b): {gap:.3f} percentage points")
     print(f"1-minute load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cpus")
-    if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    write_figures(args.json, "bench_bootstrap", figures, texts=args.texts, images=args.images,
+                  resamples=args.resamples, naive_resamples_timed=args.naive_resamples, repeat=args.repeat,
+                  seed=args.seed, load_average_before=load_before[0], load_average_after=load_after[0])
     return figures
 
 

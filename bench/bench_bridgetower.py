@@ -19,7 +19,7 @@ The ITM rate (pairs scored per second) is the total over all re-rankings. Recall
 directions, mean recall) is computed from prediction files against the split's gold
 ``texts.jsonl``. The model defaults to the trained ``demo_en`` one under ``work/``; if missing, an
 untrained tiny BridgeTower is used instead, which keeps the cost numbers valid but puts recall at
-chance level (the JSON says which). Prints a JSON summary.
+chance level (the JSON says which). Prints a JSON summary; ``--json`` writes the figures by name.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_rerank import _model, _recall, _write  # noqa: E402
+from benchjson import write_figures  # noqa: E402
 
 SPLIT = "test"
 NAME = "bench_bridgetower"
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None,
                         help=f"BridgeTower model directory (default: {DEFAULT_MODEL.relative_to(ROOT)} if present)")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a fresh temporary one)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here, by name")
     args = parser.parse_args(argv)
     if min(args.k) < 10:
         parser.error("every --k must be at least 10 (R@10 needs 10 candidates per query)")
@@ -196,10 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         "rerank": reranks,
         "notes": notes,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    figures = {
+        "itm_pairs_per_second": rate,
+        "first_stage_s": first_stage_s,
+        "itc_s": setup_s + features_s + itc_topk_s,
+        "itc_mean_recall": itc_recall["mean_recall"],
+    }
+    for k, entry in reranks.items():
+        figures[f"rerank_k{k}_total_s"] = first_stage_s + entry["seconds_rerank"]
+        figures[f"rerank_k{k}_total_over_itc"] = figures[f"rerank_k{k}_total_s"] / figures["itc_s"]
+        figures[f"rerank_k{k}_mean_recall"] = entry["recall"]["mean_recall"]
+        figures[f"rerank_k{k}_mean_recall_minus_itc"] = entry["mean_recall_minus_itc"]
+    write_figures(args.json, "bench_bridgetower", figures,
+                  **{name: value for name, value in result.items() if name != "benchmark"})
     return 0
 
 

@@ -5,7 +5,11 @@
 Both engines run the whole extraction path (LMDB read, decode, transform, tokenize, batch, encode,
 write) of the same split and model, alternating, best of ``--repeats``. Prints images/s and
 texts/s of each and the ratios inference / dynamic; above 1 the inference engine is faster.
+The figures ``default_over_dynamic_images`` / ``_texts`` compare the schema's ``eval.engine``
+default with the dynamic graph (1.0 when the default is the dynamic graph); the goal is >= 1.
 ``--arch`` overrides entries of the tiny ERNIE-ViL architecture (e.g. a wider, deeper one).
+
+    python bench/bench_inference.py [--json FILE]
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+
+from benchjson import write_figures
 
 
 def main() -> None:
@@ -27,6 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="inference engine CPU threads (default: all)")
     parser.add_argument("--arch", type=json.loads, default={}, help="tiny architecture overrides (JSON)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here (bench/benchjson.py)")
     args = parser.parse_args()
 
     import paddle
@@ -78,6 +85,21 @@ def main() -> None:
         print(f"{engine + ' engine':28}{images:12.1f}{texts:12.1f}")
     dynamic, inference = best["dynamic"], best["inference"]
     print(f"{'ratio (inference / dynamic)':28}{inference[0] / dynamic[0]:12.2f}{inference[1] / dynamic[1]:12.2f}")
+    default = schema_default(MODELS_SCHEMA, "eval", "engine")
+    figures = {
+        "default_over_dynamic_images": round(best[default][0] / dynamic[0], 3),
+        "default_over_dynamic_texts": round(best[default][1] / dynamic[1], 3),
+        "inference_over_dynamic_images": round(inference[0] / dynamic[0], 3),
+        "inference_over_dynamic_texts": round(inference[1] / dynamic[1], 3),
+        "dynamic_images_per_s": round(dynamic[0], 1), "dynamic_texts_per_s": round(dynamic[1], 1),
+        "inference_images_per_s": round(inference[0], 1), "inference_texts_per_s": round(inference[1], 1),
+    }
+    print(f"default engine (eval.engine): {default}; default / dynamic: images "
+          f"{figures['default_over_dynamic_images']:.2f}, texts {figures['default_over_dynamic_texts']:.2f}   goal >= 1")
+    write_figures(args.json, "bench_inference", figures, default_engine=default, images=args.images,
+                  texts=args.images * args.captions_per_image, image_batch_size=args.image_batch_size,
+                  text_batch_size=args.text_batch_size, threads=threads, arch=args.arch, image_size=image_size,
+                  repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ Recall (R@1/5/10 both directions, mean recall) is computed from prediction files
 split's gold ``texts.jsonl``. Models default to the trained ``demo_en`` ones under ``work/``; a
 missing one is replaced by an untrained tiny model of its family, which keeps the cost numbers
 valid but puts its recall at chance level (the JSON says which). Prints a JSON summary with the
-ratios two-stage / exhaustive (seconds and pairs).
+ratios two-stage / exhaustive (seconds and pairs); ``--json`` writes the figures by name.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vlretrieval.config import MODELS_SCHEMA, schema_default  # noqa: E402 (after the path)
+
+from benchjson import write_figures  # noqa: E402
 
 TOP_K = schema_default(MODELS_SCHEMA, "eval", "top_k")
 
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"dual encoder for the candidates (default: {DEFAULT_CANDIDATES.relative_to(ROOT)} "
                              "if present)")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a fresh temporary one)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here, by name")
     args = parser.parse_args(argv)
     if args.k < 10:
         parser.error("--k must be at least 10 (R@10 needs 10 candidates per query)")
@@ -241,10 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         },
         "notes": notes,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    figures = {
+        "pairs_per_second": rate,
+        "exhaustive_s": ex_stats.seconds,
+        "two_stage_rerank_s": two_stats.seconds,
+        "two_stage_total_s": two_total_s,
+        "dense_s": extract_s + dense_rank_s,
+        **{name: value for name, value in result["ratios"].items()},
+        "exhaustive_mean_recall": recall_ex["mean_recall"],
+        "two_stage_mean_recall": recall_two["mean_recall"],
+        "dense_mean_recall": recall_dense["mean_recall"],
+    }
+    write_figures(args.json, "bench_rerank", figures,
+                  **{name: value for name, value in result.items() if name not in ("ratios", "benchmark")})
     return 0
 
 

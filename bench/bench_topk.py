@@ -8,12 +8,19 @@ features (default 25,000 texts x 5,000 images x 768 dims):
     timed on a subsample of queries and extrapolated linearly (its cost per query is constant);
     numpy's argsort stands in for the reference's Python ``sorted`` over tuples, which only
     flatters the reference;
-(c) the floor: one bare ``texts @ images.T`` product with no selection at all.
+(c) the floor: one bare ``texts @ images.T`` product with no selection at all;
+(d) the peer a user would otherwise pick: faiss's exact ``IndexFlatIP`` (building the index and
+    searching it), on the same features and the same number of threads;
+(e) both directions from one product (``topk_search_both``: every text's top k images and every
+    image's top k texts), what the workflow's ranking step runs.
+
+Goals (issue 19): ``project_over_bare`` <= 1.25 and ``project_over_faiss`` <= 1.0, wall clock,
+(a), (c) and (d) timed interleaved in one run, best of ``--repeat``.
 
 It also reports the peak memory of (a), measured two ways, against the size of the full score
 matrix that (a) avoids materialising.
 
-    python bench/bench_topk.py                       # defaults
+    python bench/bench_topk.py --json bench/results/bench_topk.json   # defaults
     python bench/bench_topk.py --texts 5000 --images 1000 --sweep 256 1024 4096
 """
 
@@ -30,12 +37,21 @@ import sys
 import time
 import tracemalloc
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from vlretrieval.config import MODELS_SCHEMA, schema_default
 from vlretrieval.retrieval.features import FeatureSet
-from vlretrieval.retrieval.topk import DEFAULT_CHUNK_SIZE, PRODUCT_ROWS, topk_search
+from vlretrieval.retrieval.topk import (
+    DEFAULT_CHUNK_SIZE,
+    PRODUCT_ROWS,
+    SELECTION_THREADS,
+    topk_search,
+    topk_search_both,
+)
+
+from benchjson import write_figures
 
 MB = 1024 * 1024
 
@@ -98,6 +114,35 @@ def literal_reference_topk(texts: FeatureSet, images: FeatureSet, k: int, rows: 
         ranked = sorted(zip(image_ids, scores), key=lambda pair: pair[1], reverse=True)[:k]
         out.append([image_id for image_id, _ in ranked])
     return out
+
+
+def faiss_search(texts: FeatureSet, images: FeatureSet, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's exact inner-product index over the images, searched with every text; ids as ours."""
+    import faiss
+
+    index = faiss.IndexFlatIP(images.dim)
+    index.add(images.vectors)
+    scores, positions = index.search(texts.vectors, k)
+    return images.ids[positions], scores
+
+
+def tie_agreement(ids_a: np.ndarray, scores_a: np.ndarray, ids_b: np.ndarray, scores_b: np.ndarray,
+                  tolerance: float) -> tuple[int, int, float]:
+    """Rows with identical id lists; rows that differ only by order or membership among scores tied
+    within ``tolerance`` (so both are exact top-k lists); and the largest score gap at equal rank."""
+    gap = np.abs(scores_a - scores_b)
+    identical = (ids_a == ids_b).all(axis=1)
+    differ = np.flatnonzero(~identical)
+    tied = 0
+    for row in differ:
+        # Each list's k-th score is the boundary; an id only one list holds must sit at that boundary.
+        only_a = ~np.isin(ids_a[row], ids_b[row])
+        only_b = ~np.isin(ids_b[row], ids_a[row])
+        boundary = min(scores_a[row, -1], scores_b[row, -1])
+        if gap[row].max() <= tolerance and (scores_a[row, only_a] <= boundary + tolerance).all() \
+                and (scores_b[row, only_b] <= boundary + tolerance).all():
+            tied += 1
+    return int(identical.sum()), tied, float(gap.max()) if gap.size else 0.0
 
 
 def blas_description() -> str:
@@ -184,11 +229,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", type=int, nargs="*", default=[],
                         help="also time (a) at these chunk sizes")
+    parser.add_argument("--threads", type=int, default=SELECTION_THREADS,
+                        help="faiss OpenMP threads (default: the cores this process may use, as the project's "
+                        "selection and BLAS use)")
+    parser.add_argument("--no-faiss", action="store_true", help="skip (d) (faiss-cpu not installed)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here, by name")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args)
         return
+    if not args.no_faiss:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
 
     print(f"python {platform.python_version()}, numpy {np.__version__}, BLAS: {blas_description()}")
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, cpus={os.cpu_count()}")
@@ -200,15 +254,21 @@ def main() -> None:
     texts.vectors[:PRODUCT_ROWS] @ images.vectors.T
 
     load_before = os.getloadavg()
-    project, bare = Timing(), Timing()
+    project, bare, peer, both = Timing(), Timing(), Timing(), Timing()
     full_bytes = 0
-    # Interleaved, so both see the same background load; the best of each is kept.
+    # Interleaved, so all see the same background load; the best of each is kept.
     for _ in range(args.repeat):
         query_ids, top_ids, top_scores = project.run(
             lambda: topk_search(texts, images, args.k, chunk_size=args.chunk_size))
         full = bare.run(lambda: texts.vectors @ images.vectors.T)
         full_bytes = full.nbytes
         del full
+        if not args.no_faiss:
+            faiss_ids, faiss_scores = peer.run(lambda: faiss_search(texts, images, args.k))
+        (_, both_ids, _), _ = both.run(
+            lambda: topk_search_both(texts, images, args.k, args.k, chunk_size=args.chunk_size))
+        if not np.array_equal(both_ids, top_ids):
+            raise SystemExit("topk_search_both and topk_search disagree on the text-to-image lists")
 
     sample = np.linspace(0, args.texts - 1, num=min(args.reference_sample, args.texts)).astype(np.int64)
     reference_sample = Timing()
@@ -233,13 +293,27 @@ def main() -> None:
           f"extrapolated from {literal_rows.size} queries ({literal_sample.wall:.3f} s) to {args.texts}")
     print(f"{'(c) bare product texts @ images.T':44s} {bare.wall:8.3f} {bare.cpu:8.3f}  "
           f"one full product, no selection, best of {args.repeat}")
+    if not args.no_faiss:
+        print(f"{'(d) faiss IndexFlatIP (add + search)':44s} {peer.wall:8.3f} {peer.cpu:8.3f}  "
+              f"{args.threads} OpenMP threads, best of {args.repeat}")
+    print(f"{'(e) both directions from one product':44s} {both.wall:8.3f} {both.cpu:8.3f}  "
+          f"texts->images and images->texts, best of {args.repeat}")
     print()
     print(f"reference / project = {reference.wall / project.wall:6.1f} wall, {reference.cpu / project.cpu:6.1f} cpu"
           f"   (goal >= 20)")
     print(f"    for scale: reference / bare = {reference.wall / bare.wall:.1f} wall (no exact method that computes "
           f"every score can beat this); reference as written / project = {literal.wall / project.wall:.1f} wall")
     print(f"project / bare      = {project.wall / bare.wall:6.2f} wall, {project.cpu / bare.cpu:6.2f} cpu"
-          f"   (goal <= 1.5)")
+          f"   (goal <= 1.25)")
+    print(f"both directions / bare = {both.wall / bare.wall:6.2f} wall (two separate searches would cost about "
+          f"{2 * project.wall / bare.wall:.2f})")
+    if not args.no_faiss:
+        faiss_same, faiss_tied, faiss_gap = tie_agreement(top_ids, top_scores, faiss_ids, faiss_scores, 1e-5)
+        print(f"project / faiss     = {project.wall / peer.wall:6.2f} wall, {project.cpu / peer.cpu:6.2f} cpu"
+              f"   (goal <= 1.0)")
+        print(f"faiss top-{args.k} ids identical to the project's on {faiss_same} of {args.texts} queries, "
+              f"{faiss_tied} more differ only among scores tied within 1e-5; largest score gap at equal rank "
+              f"{faiss_gap:.2e}")
     print(f"top-{args.k} ids identical to the reference on {sample.size - differ.size} of {sample.size} sampled "
           f"queries; largest score difference at equal rank {score_gap:.2e} (last-bit rounding of the products)")
     print(f"1-minute load average before/after the timings: {load_before[0]:.2f} / {load_after[0]:.2f} "
@@ -264,6 +338,41 @@ def main() -> None:
         print(f"sweep chunk_size={chunk:6d}: {timing.wall:7.3f} s wall, {timing.cpu:7.3f} s cpu, "
               f"project/bare={timing.wall / bare.wall:5.2f} wall, "
               f"peak={tracemalloc_peak(texts, images, args.k, chunk) / MB:7.1f} MiB")
+
+    figures = {
+        "project_over_bare": project.wall / bare.wall,
+        "project_s": project.wall,
+        "bare_s": bare.wall,
+        "project_cpu_over_bare_cpu": project.cpu / bare.cpu,
+        "both_directions_over_bare": both.wall / bare.wall,
+        "both_directions_s": both.wall,
+        "reference_over_project": reference.wall / project.wall,
+        "reference_s": reference.wall,
+        "literal_reference_s": literal.wall,
+        "project_peak_rss_mib": rss_delta / MB,
+        "project_peak_traced_mib": peak_traced / MB,
+        "full_score_matrix_mib": full_bytes / MB,
+        "reference_identical_queries": sample.size - differ.size,
+        "reference_sampled_queries": sample.size,
+    }
+    if not args.no_faiss:
+        import faiss
+
+        figures.update({
+            "project_over_faiss": project.wall / peer.wall,
+            "faiss_s": peer.wall,
+            "faiss_identical_queries": faiss_same,
+            "faiss_tie_only_differences": faiss_tied,
+            "faiss_disagreements": args.texts - faiss_same - faiss_tied,
+        })
+    write_figures(args.json, "bench_topk", figures, texts=args.texts, images=args.images, dim=args.dim, k=args.k,
+                  chunk_size=args.chunk_size, product_rows=PRODUCT_ROWS, repeat=args.repeat, threads=args.threads,
+                  blas=blas_description(), numpy=np.__version__,
+                  faiss=None if args.no_faiss else faiss.__version__,
+                  load_average_before=load_before[0], load_average_after=load_after[0])
+    if not args.no_faiss and figures["faiss_disagreements"]:
+        raise SystemExit(f"faiss and the project disagree on {figures['faiss_disagreements']} queries "
+                         f"beyond ties; see above")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ many-thread cache is read again, which is what a resumed run costs (no request, 
 
 Usage::
 
-    python bench/bench_url_download.py [--images 300] [--threads 16] [--latency 0.03] [--image-kb 15]
+    python bench/bench_url_download.py [--images 300] [--threads 16] [--latency 0.03] [--image-kb 15] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
 import shutil
@@ -31,6 +30,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlretrieval.data.url_corpus import ImageDownloader  # noqa: E402
+
+from benchjson import write_figures  # noqa: E402
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a fresh temporary one)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here, by name")
     args = parser.parse_args(argv)
 
     images = _images(args.images, args.image_kb, args.seed)
@@ -124,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio {args.threads} threads / 1: {one_s / many_s:.1f}x")
         print(f"resumed run ({args.threads} threads, every image cached, decode only, no request): "
               f"{resume_s:.2f} s  {n / resume_s:.1f} images/s")
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        figures = {"one_thread_s": one_s, "many_threads_s": many_s, "resume_s": resume_s,
+                   **{name: value for name, value in results.items()
+                      if name.endswith(("_per_s", "_over_one")) and value is not None}}
+        write_figures(args.json, "bench_url_download", figures, images=n, mean_image_kb=results["mean_image_kb"],
+                      latency_s=args.latency, threads=args.threads, image_kb=args.image_kb, seed=args.seed)
     finally:
         server.shutdown()
         server.server_close()

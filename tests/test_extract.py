@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import shutil
 
+import lmdb
 import numpy as np
 import paddle
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from vlretrieval.data.demo import DemoSpec, write_demo_archive
 from vlretrieval.data.download import safe_extract
 from vlretrieval.data.lmdb_store import SplitStore, serialize_split
-from vlretrieval.errors import ConfigError
+from vlretrieval.errors import ConfigError, DataError
 from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
 from vlretrieval.models.base import load_model_dir
 from vlretrieval.retrieval.extract import extract_split, feature_paths
@@ -96,4 +99,37 @@ def test_extraction_refuses_a_directory_that_is_not_a_model(split_and_model, tmp
     (tmp_path / "nomodel").mkdir()
     with pytest.raises(ConfigError, match="not a model directory"):
         extract_split(tmp_path / "nomodel", split, tmp_path / "f", engine="dynamic", image_batch_size=64, text_batch_size=256, progress=False)
+    assert not (tmp_path / "f").exists()
+
+
+def test_batches_prepared_by_workers_give_the_same_features_as_batches_prepared_in_turn(split_and_model, tmp_path):
+    split, model = split_and_model
+    # 9 images in batches of 2 and 45 texts in batches of 4: several batches in flight per worker,
+    # and a partial last batch.
+    for name, workers in (("in_turn", 0), ("workers", 2)):
+        extract_split(model, split, tmp_path / name, engine="dynamic", image_batch_size=2, text_batch_size=4,
+                      prefetch_workers=workers, progress=False)
+    for in_turn, prefetched in zip(feature_paths(tmp_path / "in_turn"), feature_paths(tmp_path / "workers")):
+        expected, got = load_features(in_turn), load_features(prefetched)
+        assert got.ids.tolist() == expected.ids.tolist()
+        assert got.vectors.tobytes() == expected.vectors.tobytes()
+    assert multiprocessing.active_children() == []
+
+
+def test_a_record_that_cannot_be_prepared_stops_the_workers_and_is_named(split_and_model, tmp_path):
+    split, model = split_and_model
+    damaged = tmp_path / "lmdb"
+    shutil.copytree(split, damaged)
+    with SplitStore(damaged) as store:
+        victim = store.image_ids()[5]
+        data = store.image_bytes(victim)
+    env = lmdb.open(str(damaged / "imgs"), lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(str(victim).encode("ascii"), data[: len(data) // 3])  # a truncated image
+    env.close()
+    with pytest.raises(DataError, match=f"image_id={victim}") as caught:
+        extract_split(model, damaged, tmp_path / "f", engine="dynamic", image_batch_size=2, text_batch_size=4,
+                      prefetch_workers=2, progress=False)
+    assert str(damaged) in str(caught.value) and "cannot prepare" in str(caught.value)
+    assert multiprocessing.active_children() == []
     assert not (tmp_path / "f").exists()

@@ -11,7 +11,14 @@ import pytest
 from vlretrieval.errors import DataError
 from vlretrieval.retrieval.features import FeatureSet, export_reference_jsonl, l2_normalize, save_features
 from vlretrieval.retrieval.predictions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, read_predictions
-from vlretrieval.retrieval.topk import PRODUCT_ROWS, main, rank_features, select_topk, topk_search
+from vlretrieval.retrieval.topk import (
+    PRODUCT_ROWS,
+    main,
+    rank_features,
+    select_topk,
+    topk_search,
+    topk_search_both,
+)
 
 CHUNK_SIZES = (1, 7, PRODUCT_ROWS + 3, 100_000)
 
@@ -79,6 +86,62 @@ def test_integer_scores_with_many_ties(seed, n_gallery, k):
         _, ids, scores = topk_search(queries, gallery, k, chunk_size=chunk_size)
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_array_equal(scores, want_scores)
+
+
+def _assert_both_directions(queries, gallery, k_queries, k_gallery, *, exact_scores):
+    want_ids, want_scores = brute_force(queries, gallery, k_queries)
+    # Reverse direction: rank the queries for each gallery item over the same score matrix.
+    scores = np.asarray(queries.vectors) @ np.asarray(gallery.vectors).T
+    order = np.argsort(-scores.T, axis=1, kind="stable")[:, :k_gallery]
+    want_rev_ids, want_rev_scores = queries.ids[order], np.take_along_axis(scores.T, order, axis=1)
+    for chunk_size in CHUNK_SIZES:
+        (q_ids, ids, top), (g_ids, rev_ids, rev_top) = topk_search_both(
+            queries, gallery, k_queries, k_gallery, chunk_size=chunk_size)
+        np.testing.assert_array_equal(q_ids, queries.ids)
+        np.testing.assert_array_equal(g_ids, gallery.ids)
+        assert ids.dtype == rev_ids.dtype == np.int64 and top.dtype == rev_top.dtype == np.float32
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(rev_ids, want_rev_ids)
+        if exact_scores:
+            np.testing.assert_array_equal(top, want_scores)
+            np.testing.assert_array_equal(rev_top, want_rev_scores)
+        else:
+            np.testing.assert_allclose(rev_top, want_rev_scores, rtol=0, atol=1e-6)
+        # The first direction is exactly what the one-direction search returns.
+        _, one_ids, one_scores = topk_search(queries, gallery, k_queries, chunk_size=chunk_size)
+        np.testing.assert_array_equal(ids, one_ids)
+        np.testing.assert_array_equal(top, one_scores)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("n_queries,n_gallery,k_queries,k_gallery", [(601, 97, 10, 10), (40, 300, 7, 40), (300, 20, 20, 1)])
+def test_both_directions_from_one_product_match_brute_force(seed, n_queries, n_gallery, k_queries, k_gallery):
+    rng = np.random.default_rng(seed)
+    queries, gallery = random_set(rng, n_queries, 16), random_set(rng, n_gallery, 16, id_offset=7)
+    _assert_both_directions(queries, gallery, k_queries, k_gallery, exact_scores=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_both_directions_with_ties_across_chunks(seed):
+    # Integer scores tie everywhere, and 700 queries span several chunks, so a gallery item's
+    # ties straddle chunk boundaries: the lower query position must win in the merge.
+    rng = np.random.default_rng(seed)
+    queries, gallery = integer_set(rng, 700, 3), integer_set(rng, 60, 3)
+    by_gallery = (queries.vectors @ gallery.vectors.T).T
+    kth = np.sort(by_gallery, axis=1)[:, ::-1][:, 24]
+    chunks_holding_kth = [len(set((np.flatnonzero(row == value) // PRODUCT_ROWS).tolist()))
+                          for row, value in zip(by_gallery, kth)]
+    assert max(chunks_holding_kth) > 1, "the data must put 25th-place ties in several chunks"
+    _assert_both_directions(queries, gallery, 10, 25, exact_scores=True)
+
+
+def test_both_directions_k_above_either_set_is_an_error():
+    rng = np.random.default_rng(0)
+    queries, gallery = random_set(rng, 5, 8), random_set(rng, 9, 8)
+    with pytest.raises(ValueError, match="k=10 exceeds the gallery size 9"):
+        topk_search_both(queries, gallery, 10, 3, chunk_size=7)
+    with pytest.raises(ValueError, match="k=6 exceeds the query set size 5"):
+        topk_search_both(queries, gallery, 3, 6, chunk_size=7)
 
 
 def test_boundary_ties_pick_lowest_positions_including_tail():

@@ -9,20 +9,26 @@ Two engines run the encoders: ``dynamic`` loads the saved model and runs paddle'
 ``inference`` runs a model exported by :mod:`vlretrieval.models.export` through ``paddle.inference``
 (oneDNN with a set number of math-library threads on the CPU, the GPU when paddle has CUDA and
 sees a device).
+
+Batches are prepared (LMDB read, decode, transform, tokenize, collate) by worker processes while
+the encoder runs on the previous ones, as a data loader's workers would. The queue is ordered and
+bounded, so features come out in store order, identical to preparing each batch in turn, and at
+most two batches per worker wait in memory.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.base import checked_context_length
 from ..io import atomic_directory, write_json
 from .features import FeatureSet, export_reference_jsonl, l2_normalize, save_features
@@ -33,6 +39,74 @@ IMAGES_DIR = "images"
 TEXTS_DIR = "texts"
 SUMMARY_FILE = "extraction.json"
 ENGINES = ("dynamic", "inference")
+
+
+# Each preparing process's dataset and collate function, set once when the process starts.
+_PREPARER: tuple | None = None
+
+
+def _start_preparer(dataset: Any, collate: Callable[[list], dict], ids: list[int], id_key: str,
+                    location: str) -> None:
+    global _PREPARER
+    _PREPARER = (dataset, collate, ids, id_key, location)
+
+
+def _prepare_batch(start: int, stop: int) -> dict:
+    return _build_batch(_PREPARER, start, stop)
+
+
+def _build_batch(preparer: tuple, start: int, stop: int) -> dict:
+    dataset, collate, ids, id_key, location = preparer
+    items = []
+    for index in range(start, stop):
+        try:
+            items.append(dataset[index])
+        except Exception as exc:
+            raise DataError(location, f"cannot prepare this record for the encoder ({type(exc).__name__}: {exc})",
+                            f"{id_key}={ids[index]}") from None
+    return collate(items)
+
+
+def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_size: int, ids: list[int],
+                     id_key: str, location: str, workers: int) -> Iterator[dict]:
+    """``collate([dataset[i] for i in batch])`` for consecutive batches of ``batch_size``, in order.
+
+    With ``workers`` > 0 that many forked processes prepare the next batches while the caller
+    consumes the current one; preparation is mostly Python (PIL calls, the transform, the
+    tokenizer), which threads would serialise on the GIL against the encoder's own Python. At
+    most ``2 * workers`` batches are in flight. With 0 each batch is prepared here when asked for.
+    An item that cannot be prepared raises :class:`DataError` naming ``location`` and the item's
+    ``id_key``; the workers are then stopped before the error propagates.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bounds = [(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
+    if workers <= 0:
+        for start, stop in bounds:
+            yield _build_batch((dataset, collate, ids, id_key, location), start, stop)
+        return
+    import gc
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: the children inherit the dataset (no pickling, no re-import of paddle); the split's
+    # LMDB handles are reopened per process (lmdb_store's fork hook).
+    # Frozen objects are left alone by the children's garbage collector, which would otherwise
+    # touch, and so copy, every page of this process's heap (paddle's included) in each child.
+    gc.freeze()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_preparer, initargs=(dataset, collate, ids, id_key, location))
+    pending: collections.deque = collections.deque()
+    try:
+        for start, stop in bounds:
+            pending.append(pool.submit(_prepare_batch, start, stop))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        gc.unfreeze()
 
 
 def _encode_all(batches: Iterable[dict], ids_key: str, encode, total: int, what: str, progress: bool) -> FeatureSet:
@@ -87,8 +161,9 @@ def _dynamic_encoders(model_dir: str | os.PathLike) -> _Encoders:
         # eval_max_len is the family's default clamped to the model's position table (max_text_len).
         default_max_len=int(info.get("eval_max_len") or family.eval_max_len),
         max_text_len=None if longest is None else int(longest),
-        encode_images=lambda b: model.encode_images(b["pixel_values"]),
-        encode_texts=lambda b: model.encode_texts(b["input_ids"], attention_mask=b["attention_mask"]),
+        encode_images=lambda b: model.encode_images(paddle.to_tensor(b["pixel_values"])),
+        encode_texts=lambda b: model.encode_texts(paddle.to_tensor(b["input_ids"]),
+                                                  attention_mask=paddle.to_tensor(b["attention_mask"])),
         device=str(paddle.device.get_device()),
     )
 
@@ -105,8 +180,8 @@ def _inference_encoders(export_dir: str | os.PathLike, threads: int | None) -> _
         image_size=encoder.image_size,
         default_max_len=int(manifest["max_len"]),
         max_text_len=None if longest is None else int(longest),
-        encode_images=lambda b: encoder.encode_images(b["pixel_values"].numpy()),
-        encode_texts=lambda b: encoder.encode_texts(b["input_ids"].numpy(), b["attention_mask"].numpy()),
+        encode_images=lambda b: encoder.encode_images(b["pixel_values"]),
+        encode_texts=lambda b: encoder.encode_texts(b["input_ids"], b["attention_mask"]),
         device=f"cpu ({encoder.threads} threads)" if encoder.device == "cpu" else encoder.device,
     )
 
@@ -121,7 +196,7 @@ def extract_split(
     max_len: int | None = None,
     image_batch_size: int,
     text_batch_size: int,
-    num_workers: int = 0,
+    prefetch_workers: int | None = None,
     export_reference: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -130,12 +205,17 @@ def extract_split(
     With ``engine="dynamic"`` ``model_dir`` is a saved model directory; with ``"inference"`` it is
     an exported one (:func:`vlretrieval.models.export.export_model`), run on the GPU when paddle
     has CUDA and sees a device, else on the CPU with ``threads`` math-library threads (default:
-    every CPU this process may use). ``max_len``
-    defaults to the model's evaluation context length (for an export, the one recorded at export).
+    every CPU this process may use). ``prefetch_workers`` processes prepare batches while the
+    encoder runs (default: one per CPU of the ``threads`` budget beyond the first, at least one;
+    0 prepares each batch in turn, in this process). ``max_len`` defaults to the model's evaluation context length (for an export,
+    the one recorded at export).
     With ``export_reference`` the reference ``imgs.img_feat.jsonl`` / ``texts.txt_feat.jsonl``
     files are written too.
     """
-    from ..models.datasets import FamilyTokenizer, image_loader, text_loader
+    from ..models.datasets import (
+        FamilyTokenizer, ImageDataset, TextCollator, TextDataset, collate_images,
+    )
+    from ..models.export import default_threads
 
     if engine == "dynamic":
         encoders = _dynamic_encoders(model_dir)
@@ -147,18 +227,23 @@ def extract_split(
     max_len = checked_context_length(max_len, encoders.default_max_len, encoders.max_text_len, model_dir)
     transform = family.image_transform(encoders.image_size, train=False)
 
+    if prefetch_workers is None:
+        prefetch_workers = max(1, int(threads or default_threads()) - 1)
+    where = str(split_dir)
+
     started = time.perf_counter()
-    images = image_loader(split_dir, transform, batch_size=image_batch_size, num_workers=num_workers)
-    image_set = _encode_all(images, "image_ids", encoders.encode_images, len(images.dataset), "image", progress)
+    images = ImageDataset(split_dir, transform)
+    image_batches = prepared_batches(images, collate_images, batch_size=image_batch_size, ids=images.image_ids,
+                                     id_key="image_id", location=where, workers=prefetch_workers)
+    image_set = _encode_all(image_batches, "image_ids", encoders.encode_images, len(images), "image", progress)
     image_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    texts = text_loader(
-        split_dir, FamilyTokenizer(family.name, tokenizer), max_len=max_len,
-        pad_token_id=getattr(tokenizer, "pad_token_id", 0) or 0,
-        batch_size=text_batch_size, num_workers=num_workers,
-    )
-    text_set = _encode_all(texts, "text_ids", encoders.encode_texts, len(texts.dataset), "text", progress)
+    texts = TextDataset(split_dir, FamilyTokenizer(family.name, tokenizer), max_len=max_len)
+    text_batches = prepared_batches(texts, TextCollator(getattr(tokenizer, "pad_token_id", 0) or 0),
+                                    batch_size=text_batch_size, ids=texts.text_ids, id_key="text_id",
+                                    location=where, workers=prefetch_workers)
+    text_set = _encode_all(text_batches, "text_ids", encoders.encode_texts, len(texts), "text", progress)
     text_seconds = time.perf_counter() - started
 
     summary = {

@@ -2,7 +2,9 @@
 
 Queries are ranked a chunk at a time: one BLAS product of the chunk against the whole
 gallery, then a selection that touches every score once and sorts only a handful of
-candidates per query. The full ``queries x gallery`` score matrix never exists.
+candidates per query, split by rows over every core. The full ``queries x gallery`` score
+matrix never exists. :func:`topk_search_both` also ranks the queries for every gallery item
+from the same chunks, so both retrieval directions cost one product.
 
 Order of results
     Descending score; equal scores in ascending gallery position (row order of the gallery
@@ -24,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -52,6 +55,67 @@ DEFAULT_CHUNK_SIZE = schema_default(MODELS_SCHEMA, "eval", "chunk_size")
 # (about k blocks of 16) stay cheap to sort.
 _FOLD = 16
 
+# Threads the selection of a chunk is split over: the cores this process may run on, the same
+# cores BLAS used for the product just before it.
+SELECTION_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# Below this many rows per thread, the fixed cost of a selection call outweighs the split.
+_MIN_SELECTION_ROWS = 64
+
+
+def _check_k(k, n_gallery: int, what: str = "the gallery") -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > n_gallery:
+        raise ValueError(f"k={k} exceeds {what} size {n_gallery}; every query needs exactly k distinct results")
+    return int(k)
+
+
+def _finite_rows(vectors: np.ndarray, ids: np.ndarray, first_row: int, what: str) -> None:
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        row = first_row + int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"{what} row {row} (id={int(ids[row])}) has NaN or infinite values")
+
+
+def _score_blocks(queries: FeatureSet, gallery: FeatureSet, chunk_size: int):
+    """Yield ``(start, stop, scores)``: the scores of query rows ``start:stop`` against the whole
+    gallery, one chunk at a time, in a buffer reused for every chunk."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if queries.dim != gallery.dim:
+        raise ValueError(f"queries have {queries.dim} dimensions, the gallery has {gallery.dim}")
+    gallery_vectors = np.ascontiguousarray(gallery.vectors)
+    _finite_rows(gallery_vectors, gallery.ids, 0, "gallery")
+    gallery_t = gallery_vectors.T
+
+    n_queries = len(queries)
+    chunk_rows = -(-int(chunk_size) // PRODUCT_ROWS) * PRODUCT_ROWS
+    chunk_rows = min(chunk_rows, -(-max(n_queries, 1) // PRODUCT_ROWS) * PRODUCT_ROWS)
+    scores = np.empty((chunk_rows, len(gallery)), dtype=np.float32)
+    padded = np.zeros((PRODUCT_ROWS, queries.dim), dtype=np.float32)
+    for start in range(0, n_queries, chunk_rows):
+        stop = min(start + chunk_rows, n_queries)
+        block = np.asarray(queries.vectors[start:stop])
+        _finite_rows(block, queries.ids, start, "query")
+        for offset in range(0, stop - start, PRODUCT_ROWS):
+            rows = block[offset:offset + PRODUCT_ROWS]
+            out = scores[offset:offset + PRODUCT_ROWS]
+            if rows.shape[0] < PRODUCT_ROWS or not rows.flags.c_contiguous or rows.dtype != np.float32:
+                padded[:rows.shape[0]] = rows
+                padded[rows.shape[0]:] = 0.0
+                rows = padded
+            np.matmul(rows, gallery_t, out=out)
+        yield start, stop, scores[:stop - start]
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def _workers(rows: int) -> int:
+    return max(1, min(SELECTION_THREADS, rows // _MIN_SELECTION_ROWS))
+
 
 def topk_search(
     queries: FeatureSet,
@@ -73,55 +137,84 @@ def topk_search(
     Raises ``ValueError`` for ``k`` outside ``1..len(gallery)`` (the prediction format needs
     exactly ``k`` distinct ids per query), for mismatched dimensions and for non-finite vectors.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = int(k)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    n_gallery = len(gallery)
-    if k > n_gallery:
-        raise ValueError(f"k={k} exceeds the gallery size {n_gallery}; every query needs exactly k distinct results")
-    if queries.dim != gallery.dim:
-        raise ValueError(f"queries have {queries.dim} dimensions, the gallery has {gallery.dim}")
-
-    gallery_vectors = np.ascontiguousarray(gallery.vectors)
-    finite = np.isfinite(gallery_vectors).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
-        raise ValueError(f"gallery row {row} (id={int(gallery.ids[row])}) has NaN or infinite values")
-    gallery_t = gallery_vectors.T
-
+    k = _check_k(k, len(gallery))
     n_queries = len(queries)
-    chunk_rows = -(-int(chunk_size) // PRODUCT_ROWS) * PRODUCT_ROWS
-    chunk_rows = min(chunk_rows, -(-max(n_queries, 1) // PRODUCT_ROWS) * PRODUCT_ROWS)
-    scores = np.empty((chunk_rows, n_gallery), dtype=np.float32)
-    padded = np.zeros((PRODUCT_ROWS, queries.dim), dtype=np.float32)
-
     top_ids = np.empty((n_queries, k), dtype=np.int64)
     top_scores = np.empty((n_queries, k), dtype=np.float32)
     started = time.perf_counter()
-    for start in range(0, n_queries, chunk_rows):
-        stop = min(start + chunk_rows, n_queries)
-        block = np.asarray(queries.vectors[start:stop])
-        finite = np.isfinite(block).all(axis=1)
-        if not finite.all():
-            row = start + int(np.flatnonzero(~finite)[0])
-            raise ValueError(f"query row {row} (id={int(queries.ids[row])}) has NaN or infinite values")
-        for offset in range(0, stop - start, PRODUCT_ROWS):
-            rows = block[offset:offset + PRODUCT_ROWS]
-            out = scores[offset:offset + PRODUCT_ROWS]
-            if rows.shape[0] < PRODUCT_ROWS or not rows.flags.c_contiguous:
-                padded[:rows.shape[0]] = rows
-                padded[rows.shape[0]:] = 0.0
-                rows = padded
-            np.matmul(rows, gallery_t, out=out)
-        positions, values = select_topk(scores[:stop - start], k)
-        top_ids[start:stop] = gallery.ids[positions]
-        top_scores[start:stop] = values
-        if progress:
-            log.info("top-%d: %d/%d queries ranked against %d (%.1fs)",
-                     k, stop, n_queries, n_gallery, time.perf_counter() - started)
+    with ThreadPoolExecutor(max_workers=SELECTION_THREADS) as pool:
+        for start, stop, scores in _score_blocks(queries, gallery, chunk_size):
+            # BLAS ran on every core; the selection is row-independent and numpy releases the GIL
+            # in its loops, so it runs on every core too instead of leaving all but one idle.
+            pieces = [(lo, hi, pool.submit(select_topk, scores[lo:hi], k))
+                      for lo, hi in _split(stop - start, _workers(stop - start))]
+            for lo, hi, piece in pieces:
+                positions, values = piece.result()
+                top_ids[start + lo:start + hi] = gallery.ids[positions]
+                top_scores[start + lo:start + hi] = values
+            if progress:
+                log.info("top-%d: %d/%d queries ranked against %d (%.1fs)",
+                         k, stop, n_queries, len(gallery), time.perf_counter() - started)
     return queries.ids.copy(), top_ids, top_scores
+
+
+def topk_search_both(
+    queries: FeatureSet,
+    gallery: FeatureSet,
+    k_queries: int,
+    k_gallery: int,
+    *,
+    chunk_size: int,
+    progress: bool = False,
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Both directions from one product: the best ``k_queries`` gallery items of every query and
+    the best ``k_gallery`` queries of every gallery item.
+
+    Returns two ``(ids, topk_ids, topk_scores)`` triples as :func:`topk_search` does, the first
+    equal to ``topk_search(queries, gallery, k_queries)`` and the second ranking the queries for
+    each gallery item, in the same order (descending score, equal scores in ascending query
+    position). Every score is computed once and both directions use that same value, so a pair
+    ranks by the same number either way; only the chunk of score rows in hand is in memory, and
+    each gallery item's running best list is merged with the chunk's best.
+    """
+    k_queries = _check_k(k_queries, len(gallery))
+    k_gallery = _check_k(k_gallery, len(queries), "the query set")
+    n_queries, n_gallery = len(queries), len(gallery)
+    top_ids = np.empty((n_queries, k_queries), dtype=np.int64)
+    top_scores = np.empty((n_queries, k_queries), dtype=np.float32)
+    # Per gallery item: query positions and scores of its best queries so far, best first.
+    best_pos = np.empty((n_gallery, 0), dtype=np.int64)
+    best_val = np.empty((n_gallery, 0), dtype=np.float32)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=SELECTION_THREADS) as pool:
+        for start, stop, scores in _score_blocks(queries, gallery, chunk_size):
+            rows = [(lo, hi, pool.submit(select_topk, scores[lo:hi], k_queries))
+                    for lo, hi in _split(stop - start, _workers(stop - start))]
+            k_chunk = min(k_gallery, stop - start)
+            columns = [(lo, hi, pool.submit(select_topk, scores[:, lo:hi].T, k_chunk))
+                       for lo, hi in _split(n_gallery, _workers(n_gallery))]
+            for lo, hi, piece in rows:
+                positions, values = piece.result()
+                top_ids[start + lo:start + hi] = gallery.ids[positions]
+                top_scores[start + lo:start + hi] = values
+            chunk_pos = np.empty((n_gallery, k_chunk), dtype=np.int64)
+            chunk_val = np.empty((n_gallery, k_chunk), dtype=np.float32)
+            for lo, hi, piece in columns:
+                positions, values = piece.result()
+                chunk_pos[lo:hi] = positions + start
+                chunk_val[lo:hi] = values
+            # Earlier chunks hold lower query positions and each list is in (score desc, position
+            # asc) order, so the stable selection over [best, chunk] keeps the order exact.
+            merged_pos = np.concatenate([best_pos, chunk_pos], axis=1)
+            merged_val = np.concatenate([best_val, chunk_val], axis=1)
+            keep = min(k_gallery, merged_pos.shape[1])
+            order, best_val = select_topk(merged_val, keep)
+            best_pos = np.take_along_axis(merged_pos, order, axis=1)
+            if progress:
+                log.info("top-%d/%d both ways: %d/%d queries ranked against %d (%.1fs)",
+                         k_queries, k_gallery, stop, n_queries, n_gallery, time.perf_counter() - started)
+    return ((queries.ids.copy(), top_ids, top_scores),
+            (gallery.ids.copy(), queries.ids[best_pos], best_val))
 
 
 def select_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,13 +301,20 @@ def rank_features(
         (out_i2t, IMAGE_TO_TEXT, images, texts, text_feats),
     ]
     for out, direction, queries, gallery, gallery_path in jobs:
-        if out is None:
-            continue
-        if k > len(gallery):
+        if out is not None and k > len(gallery):
             raise DataError(str(gallery_path), f"top-{k} {direction} predictions need at least {k} gallery items, "
                                                f"the file has {len(gallery)}")
-        query_ids, top_ids, _ = topk_search(queries, gallery, k, chunk_size=chunk_size, progress=progress)
-        write_predictions(out, direction, query_ids, top_ids)
+    if out_t2i is not None and out_i2t is not None:
+        # One product serves both directions: texts are the queries (the larger set, read a chunk
+        # at a time), each image keeps its running best texts.
+        t2i, i2t = topk_search_both(texts, images, k, k, chunk_size=chunk_size, progress=progress)
+        write_predictions(out_t2i, TEXT_TO_IMAGE, t2i[0], t2i[1])
+        write_predictions(out_i2t, IMAGE_TO_TEXT, i2t[0], i2t[1])
+    else:
+        for out, direction, queries, gallery, _ in jobs:
+            if out is not None:
+                query_ids, top_ids, _ = topk_search(queries, gallery, k, chunk_size=chunk_size, progress=progress)
+                write_predictions(out, direction, query_ids, top_ids)
     return {"images": len(images), "texts": len(texts), "k": int(k)}
 
 
