@@ -122,7 +122,6 @@ def finetune(
     the newest complete checkpoint in ``output_dir``; writes ``final_dir`` atomically on rank 0.
     """
     import paddle
-    import paddle.distributed as dist
     from ..models.base import read_model_info
     from ..models.registry import get_family
     from ..models.losses import distributed_world

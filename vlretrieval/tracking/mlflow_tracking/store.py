@@ -38,6 +38,18 @@ RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
 RUNS_VIEW_METRICS = ("finetuned_mean_recall", "zeroshot_mean_recall", "mean_recall_gain", "mean_recall")
 _DEFAULT_ATTRIBUTE_COLUMNS = ("Source", "Models", "Dataset")
 
+# A reachability probe must fail fast; the calls after it may wait a little for a busy server.
+_PROBE_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+_WORK_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+_BUSY_MARKERS = ("database is locked", "database table is locked", "database schema is locked", "sqlite_busy")
+_BACKOFF_BASE_SECONDS = 0.1
+_BACKOFF_CAP_SECONDS = 8.0
+
 
 def runs_view_state() -> str:
     """The value of :data:`RUNS_VIEW_TAG`; the UI names columns ``attributes.`Name``` and ``metrics.`name```."""
