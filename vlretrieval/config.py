@@ -133,16 +133,21 @@ def _validate(obj: dict, schema_name: str, where: str, schema_dir: Path) -> dict
     return validate_against_schema(obj, schema_name, where, schema_dir)
 
 
+def _read_yaml(path: Path, what: str) -> Any:
+    """The YAML document at ``path`` (an empty file is ``{}``), or a ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_registry(path: str | Path, schema_name: str, schema_dir: Path = SCHEMA_DIR) -> dict[str, dict[str, Any]]:
     """Read a YAML registry (name -> entry) and validate each entry against ``schema_name``."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read registry: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = _read_yaml(path, "registry")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of names to entries, got {type(data).__name__}")
     return {
@@ -157,14 +162,7 @@ WORKFLOW_CONFIG = SCHEMA_DIR.parent / "config.yaml"
 def workflow_config(path: str | Path = WORKFLOW_CONFIG) -> dict[str, Any]:
     """The workflow's config file (the repository's by default), validated, with the schema's defaults."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return _validate(data, CONFIG_SCHEMA, str(path), SCHEMA_DIR)
+    return _validate(_read_yaml(path, "config"), CONFIG_SCHEMA, str(path), SCHEMA_DIR)
 
 
 def load_datasets(path: str | Path) -> dict[str, dict[str, Any]]:
