@@ -302,7 +302,9 @@ def _rank_processes(marker: str) -> list[int]:
 @pytest.mark.slow
 def test_killed_runs_resume_from_last_complete_checkpoint(demo):
     work, final = demo["root"] / "work_b", demo["root"] / "final_b"
-    long_run = {**BASE_HPARAMS, "max_steps": 30, "save_steps": 3}
+    # Tiny steps take ~40 ms here: the schedule must outlast the ranks' reaction to a dead launcher
+    # (their orphan check polls every 0.5 s), or the second killed run could reach the end.
+    long_run = {**BASE_HPARAMS, "max_steps": 90, "save_steps": 3}
 
     # 1. The workflow's job process (launch_finetune) is killed outright: the launcher it started
     #    gets SIGTERM from the kernel (parent-death signal) and stops its ranks.

@@ -64,7 +64,7 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def exit_when_orphaned(poll_seconds: float = 2.0) -> threading.Thread | None:
+def exit_when_orphaned(poll_seconds: float = 0.5) -> threading.Thread | None:
     """Under ``paddle.distributed.launch``, end this rank when the launcher dies.
 
     The launcher starts every rank in its own session, so killing the launcher (SIGKILL, or a
