@@ -126,13 +126,14 @@ def _requirements() -> list[str]:
 
 def check_dual_encoder_dir(model_dir: Path) -> None:
     """Refuse, before anything is logged, a directory that is not a saved dual encoder."""
-    from ...models.base import model_dir_family
-    from ...models.registry import DUAL_ENCODER
+    # The family's spec, not the family: a built-in one is answered without importing Paddle.
+    from ...models.base import read_model_info
+    from ...models.registry import DUAL_ENCODER, family_spec
 
-    family = model_dir_family(model_dir)
-    if family.kind != DUAL_ENCODER:
-        raise ConfigError(f"{model_dir}: only a dual encoder is logged as an encoding model, {family.name} is a "
-                          f"{family.kind}")
+    name = read_model_info(model_dir)["family"]
+    kind = family_spec(name).kind
+    if kind != DUAL_ENCODER:
+        raise ConfigError(f"{model_dir}: only a dual encoder is logged as an encoding model, {name} is a {kind}")
 
 
 def log_dual_encoder(client, run_id: str, model_dir: Path, *, max_len: int | None,
