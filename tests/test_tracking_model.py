@@ -4,6 +4,8 @@ ERNIE-ViL, real LMDB split, real SQLite store."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ from vlretrieval.data.demo import DemoSpec, write_demo_archive
 from vlretrieval.data.download import safe_extract
 from vlretrieval.data.lmdb_store import SplitStore, serialize_split
 from vlretrieval.errors import DataError
+from vlretrieval.models.base import MODEL_INFO_FILE
 from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
 from vlretrieval.retrieval.extract import extract_split, feature_paths
 from vlretrieval.retrieval.features import load_features
@@ -75,3 +78,28 @@ def test_the_logged_model_reproduces_the_extracted_features(split_and_model, tmp
     np.testing.assert_allclose(text_features, texts.vectors, atol=1e-5)
     with pytest.raises(DataError, match=r"\(row 1\): each row needs exactly one"):
         loaded.predict(pd.DataFrame({"image": [image_bytes[0], None], "text": [None, None]}))
+
+
+def test_only_a_dual_encoder_is_logged_and_telling_costs_no_paddle(split_and_model, tmp_path):
+    import subprocess
+    import sys
+
+    _, model_dir = split_and_model
+    cross = tmp_path / "cross"
+    cross.mkdir()
+    (cross / MODEL_INFO_FILE).write_text(json.dumps({"family": "vinvl"}), encoding="utf-8")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from vlretrieval.errors import ConfigError\n"
+        "from vlretrieval.tracking.mlflow_tracking.model import check_dual_encoder_dir\n"
+        "check_dual_encoder_dir(Path(sys.argv[1]))\n"
+        "try:\n"
+        "    check_dual_encoder_dir(Path(sys.argv[2]))\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+        "print(sorted(name for name in ('paddle', 'paddlenlp') if name in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(model_dir), str(cross)], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [f"{cross}: only a dual encoder is logged as an encoding model, vinvl is a cross_encoder", "[]"]
