@@ -80,6 +80,10 @@ def stage_extraction_model(wildcards):
     return PIPELINE.stage_extraction_model(wildcards.dataset, wildcards.model, wildcards.stage)
 
 
+def extraction_threads(wildcards):
+    return PIPELINE.extraction_threads(wildcards.dataset, wildcards.model)
+
+
 def extraction_params(wildcards):
     return quoted_json(PIPELINE.extraction_settings(wildcards.dataset, wildcards.model))
 

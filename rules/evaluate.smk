@@ -18,7 +18,7 @@ rule extract_features:
         "logs/extract_features/{dataset}/{model}/{stage}.log",
     benchmark:
         "benchmarks/extract_features/{dataset}/{model}/{stage}.tsv"
-    threads: 2
+    threads: extraction_threads
     resources:
         mem_mb=8000,
         runtime=120,

@@ -13,7 +13,7 @@ import yaml
 
 from vlretrieval.config import CONFIG_SCHEMA, validate_against_schema
 from vlretrieval.errors import ConfigError
-from vlretrieval.pipeline import Pipeline, grid_points, member_model_name, quoted_json
+from vlretrieval.pipeline import EXTRACTION_THREADS, Pipeline, grid_points, member_model_name, quoted_json
 
 from .conftest import REPO
 
@@ -120,6 +120,13 @@ def test_extraction_reads_the_export_only_with_the_inference_engine(pipeline):
     assert pipeline.extraction_settings("demo_cn", "ernie_vil") == {
         "engine": "inference", "max_len": 52, "image_batch_size": 64, "text_batch_size": 256}
     assert pipeline.export_settings("demo_cn", "ernie_vil") == {"max_len": 52, "precision": "float32"}
+
+
+def test_a_tiny_models_extraction_takes_one_core(pipeline):
+    assert pipeline.model_entry("demo_cn", "ernie_vil")["init"] == "tiny"
+    assert pipeline.extraction_threads("demo_cn", "ernie_vil") == 1
+    published = _pipeline(pair_overrides={"demo_cn": {"ernie_vil": {"init": "random"}}})
+    assert published.extraction_threads("demo_cn", "ernie_vil") == EXTRACTION_THREADS > 1
 
 
 def test_protocols_and_rerank_arguments(pipeline):

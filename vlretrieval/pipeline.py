@@ -56,6 +56,11 @@ DUAL_ENCODER = "dual_encoder"
 DIRECTIONS = ("t2i", "i2t")
 
 
+# Cores of an extraction job at real size: the encoder's math threads, and batch preparation in
+# worker processes beside it.
+EXTRACTION_THREADS = 2
+
+
 def quoted_json(obj: Any) -> str:
     """A shell-safe JSON argument; as a rule param it also reruns the job when the value changes."""
     return shlex.quote(json.dumps(obj, sort_keys=True, ensure_ascii=False))
@@ -382,6 +387,11 @@ class Pipeline:
         if self.model_entry(dataset, model)["eval"]["engine"] == "inference":
             return self.stage_export_dir(dataset, model, stage)
         return self.stage_model_dir(dataset, model, stage)
+
+    def extraction_threads(self, dataset: str, model: str) -> int:
+        """Cores of an extraction job. A tiny model's job is almost all start-up (imports, loading),
+        which a second thread does not speed up; with one, two such jobs share two cores."""
+        return 1 if self.model_entry(dataset, model)["init"] == "tiny" else EXTRACTION_THREADS
 
     def extraction_settings(self, dataset: str, model: str) -> dict:
         return subset(self.model_entry(dataset, model)["eval"], EXTRACTION_KEYS)
