@@ -135,12 +135,13 @@ def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _check_pair_metrics(workdir, dataset: str, model: str, *, num_images: int = 100, quality_bar: bool = True) -> dict:
+def _check_pair_metrics(workdir, dataset: str, model: str, *, num_images: int = 100, captions_per_image: int = 5,
+                        quality_bar: bool = True) -> dict:
     """metrics.json of a pair agrees with a recount from its prediction files; returns it."""
     result = workdir / "results" / dataset / model
     metrics = json.loads((result / "metrics.json").read_text(encoding="utf-8"))
     assert (metrics["dataset"], metrics["model"], metrics["split"]) == (dataset, model, "test")
-    assert (metrics["num_images"], metrics["num_texts"]) == (num_images, 5 * num_images)
+    assert (metrics["num_images"], metrics["num_texts"]) == (num_images, captions_per_image * num_images)
     assert set(metrics["stages"]) == {"zeroshot", "finetuned"}
 
     gold_t2i = {r["text_id"]: set(r["image_ids"]) for r in _read_jsonl(workdir / f"resources/{dataset}/lmdb/test/texts.jsonl")}
