@@ -102,7 +102,7 @@ def _wait_for_checkpoint(work: Path, step: int, proc: subprocess.Popen, timeout:
 def _assert_ranks_exit(work: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while _rank_processes(str(work)):
-        assert time.monotonic() < deadline, f"ranks still running after the kill: {_rank_processes(str(work))}"
+        assert time.monotonic() < deadline, f"rank processes still running: {_rank_processes(str(work))}"
         time.sleep(0.2)
 
 
@@ -297,6 +297,16 @@ def _rank_processes(marker: str) -> list[int]:
         if marker in cmdline and "vlretrieval.training.finetune" in cmdline:
             pids.append(int(entry.name))
     return pids
+
+
+def test_no_dataloader_worker_outlives_its_rank(demo):
+    """GPU jobs read with worker processes by default; a finished job must leave none behind."""
+    work, final = demo["root"] / "work_workers", demo["root"] / "final_workers"
+    info = _run(demo, work, final, max_steps=3, save_steps=1000, dataloader_num_workers=1)
+    assert info["global_step"] == 3
+    start = next(r for r in read_train_log(work / TRAIN_LOG) if r["event"] == "start")
+    assert start["dataloader_num_workers"] == 1
+    _assert_ranks_exit(work, timeout=10)
 
 
 @pytest.mark.slow

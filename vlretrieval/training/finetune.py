@@ -81,6 +81,9 @@ def exit_when_orphaned(poll_seconds: float = 0.5) -> threading.Thread | None:
             if os.getppid() != parent:
                 print(f"launcher (pid {parent}) is gone; rank {os.environ.get('PADDLE_TRAINER_ID')} exits",
                       file=sys.stderr, flush=True)
+                from .losses import stop_worker_processes
+
+                stop_worker_processes()
                 os._exit(143)
 
     thread = threading.Thread(target=watch, name="exit-when-orphaned", daemon=True)
