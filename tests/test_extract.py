@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+import time
 
 import lmdb
 import numpy as np
@@ -16,7 +17,7 @@ from vlretrieval.data.lmdb_store import SplitStore, serialize_split
 from vlretrieval.errors import ConfigError, DataError
 from vlretrieval.models.prepare import prepare_initial_model, vocab_texts_from_split
 from vlretrieval.models.base import load_model_dir
-from vlretrieval.retrieval.extract import extract_split, feature_paths
+from vlretrieval.retrieval.extract import extract_split, feature_paths, prepared_batches
 from vlretrieval.retrieval.features import load_features, read_reference_jsonl
 
 
@@ -113,6 +114,33 @@ def test_batches_prepared_by_workers_give_the_same_features_as_batches_prepared_
         expected, got = load_features(in_turn), load_features(prefetched)
         assert got.ids.tolist() == expected.ids.tolist()
         assert got.vectors.tobytes() == expected.vectors.tobytes()
+    assert multiprocessing.active_children() == []
+
+
+def _numbered_batches(items):
+    return {"ids": np.asarray([item[0] for item in items], dtype=np.int64),
+            "values": np.stack([item[1] for item in items]),
+            "names": [f"item-{item[0]}" for item in items]}
+
+
+@pytest.mark.parametrize("slot_bytes", [0, 4096, 200])
+def test_batches_from_shared_slots_equal_batches_prepared_in_turn(slot_bytes):
+    # 23 items in batches of 3 on 2 workers: 8 batches through 4 slots, so every slot is reused.
+    # 4096 bytes hold both arrays of a batch; 200 hold the ids only, so the values take the pipe.
+    rng = np.random.default_rng(0)
+    dataset = [(index, rng.standard_normal((5, 4)).astype(np.float32)) for index in range(23)]
+    ids = [item[0] for item in dataset]
+    kwargs = dict(batch_size=3, ids=ids, id_key="item", location="memory")
+    expected = list(prepared_batches(dataset, _numbered_batches, workers=0, **kwargs))
+    got = []
+    for batch in prepared_batches(dataset, _numbered_batches, workers=2, slot_bytes=slot_bytes, **kwargs):
+        time.sleep(0.05)  # a slow consumer: a worker that reused this slot too early would have overwritten it
+        got.append({key: value.copy() if isinstance(value, np.ndarray) else value for key, value in batch.items()})
+    assert len(got) == len(expected) == 8
+    for want, batch in zip(expected, got):
+        assert batch["names"] == want["names"]
+        assert batch["ids"].tolist() == want["ids"].tolist()
+        assert batch["values"].dtype == np.float32 and batch["values"].tobytes() == want["values"].tobytes()
     assert multiprocessing.active_children() == []
 
 

@@ -13,6 +13,7 @@ DataLoader's workers included) through :func:`shared_store`, never used across a
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from pathlib import Path
@@ -33,7 +34,9 @@ from .registry import get_family
 _OPEN_STORES: dict[str, tuple[int, SplitStore]] = {}
 
 
+@functools.lru_cache(maxsize=256)
 def _store_key(split_dir: str | os.PathLike) -> str:
+    # Cached: resolving walks the path with a syscall per component, and datasets ask per item.
     return str(Path(split_dir).resolve())
 
 

@@ -41,18 +41,54 @@ SUMMARY_FILE = "extraction.json"
 ENGINES = ("dynamic", "inference")
 
 
-# Each preparing process's dataset and collate function, set once when the process starts.
+# Each preparing process's dataset and collate function, set once when the process starts, and
+# the shared buffer it leaves its batches' arrays in: (buffer, bytes per slot), or None.
 _PREPARER: tuple | None = None
+_SHARED: tuple | None = None
+# Shared arrays start on cache-line boundaries.
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class _SharedArray:
+    """Where a preparing process left one array of a batch in the shared buffer."""
+
+    offset: int
+    shape: tuple
+    dtype: str
 
 
 def _start_preparer(dataset: Any, collate: Callable[[list], dict], ids: list[int], id_key: str,
-                    location: str) -> None:
-    global _PREPARER
+                    location: str, shared: tuple | None) -> None:
+    global _PREPARER, _SHARED
     _PREPARER = (dataset, collate, ids, id_key, location)
+    _SHARED = shared
 
 
-def _prepare_batch(start: int, stop: int) -> dict:
-    return _build_batch(_PREPARER, start, stop)
+def _prepare_batch(start: int, stop: int, slot: int) -> dict:
+    batch = _build_batch(_PREPARER, start, stop)
+    return batch if _SHARED is None else _into_slot(batch, *_SHARED, slot)
+
+
+def _into_slot(batch: dict, buffer, slot_bytes: int, slot: int) -> dict:
+    """Copy the batch's arrays into its slot of the shared buffer, as far as they fit; the parent
+    then reads them in place instead of unpickling them from a pipe (at 64 images of 64 px that
+    transfer cost more than preparing the images)."""
+    offset, end = slot * slot_bytes, (slot + 1) * slot_bytes
+    placed = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject and offset + value.nbytes <= end:
+            np.ndarray(value.shape, value.dtype, buffer=buffer, offset=offset)[...] = value
+            placed[key] = _SharedArray(offset, value.shape, value.dtype.str)
+            offset += -(-value.nbytes // _ALIGN) * _ALIGN
+        else:
+            placed[key] = value
+    return placed
+
+
+def _from_slot(batch: dict, buffer) -> dict:
+    return {key: np.ndarray(value.shape, np.dtype(value.dtype), buffer=buffer, offset=value.offset)
+            if isinstance(value, _SharedArray) else value for key, value in batch.items()}
 
 
 def _build_batch(preparer: tuple, start: int, stop: int) -> dict:
@@ -68,42 +104,66 @@ def _build_batch(preparer: tuple, start: int, stop: int) -> dict:
 
 
 def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_size: int, ids: list[int],
-                     id_key: str, location: str, workers: int) -> Iterator[dict]:
+                     id_key: str, location: str, workers: int, slot_bytes: int = 0) -> Iterator[dict]:
     """``collate([dataset[i] for i in batch])`` for consecutive batches of ``batch_size``, in order.
 
     With ``workers`` > 0 that many forked processes prepare the next batches while the caller
     consumes the current one; preparation is mostly Python (PIL calls, the transform, the
     tokenizer), which threads would serialise on the GIL against the encoder's own Python. At
-    most ``2 * workers`` batches are in flight. With 0 each batch is prepared here when asked for.
+    most ``2 * workers`` batches are in flight. The first batch is prepared here while the
+    workers start. With 0 each batch is prepared here when asked for.
+
+    ``slot_bytes`` > 0 gives each batch in flight that many bytes of memory shared with the
+    workers, where they leave the batch's arrays (those that fit; the rest travel through a pipe).
+    A batch's arrays are then views of its slot, which a later batch reuses: use them before
+    asking for the next batch.
+
     An item that cannot be prepared raises :class:`DataError` naming ``location`` and the item's
     ``id_key``; the workers are then stopped before the error propagates.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     bounds = [(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
-    if workers <= 0:
+    preparer = (dataset, collate, ids, id_key, location)
+    if workers <= 0 or len(bounds) <= 1:
         for start, stop in bounds:
-            yield _build_batch((dataset, collate, ids, id_key, location), start, stop)
+            yield _build_batch(preparer, start, stop)
         return
     import gc
+    import mmap
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    in_flight = 2 * workers
+    # An anonymous shared mapping made before the fork is the same memory in every child.
+    buffer = mmap.mmap(-1, in_flight * slot_bytes) if slot_bytes > 0 else None
+    shared = None if buffer is None else (buffer, slot_bytes)
     # fork: the children inherit the dataset (no pickling, no re-import of paddle); the split's
     # LMDB handles are reopened per process (lmdb_store's fork hook).
     # Frozen objects are left alone by the children's garbage collector, which would otherwise
     # touch, and so copy, every page of this process's heap (paddle's included) in each child.
     gc.freeze()
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_start_preparer, initargs=(dataset, collate, ids, id_key, location))
+                               initializer=_start_preparer, initargs=(*preparer, shared))
     pending: collections.deque = collections.deque()
+    following = 1  # batch 0 is prepared here
+
+    def submit_next() -> None:
+        nonlocal following
+        if following < len(bounds):
+            # Batch b uses slot (b - 1) % in_flight, and is submitted only once batch b - in_flight,
+            # the slot's previous user, has been consumed.
+            pending.append(pool.submit(_prepare_batch, *bounds[following], (following - 1) % in_flight))
+            following += 1
+
     try:
-        for start, stop in bounds:
-            pending.append(pool.submit(_prepare_batch, start, stop))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
+        for _ in range(in_flight):
+            submit_next()
+        yield _build_batch(preparer, *bounds[0])
         while pending:
-            yield pending.popleft().result()
+            batch = pending.popleft().result()
+            yield batch if buffer is None else _from_slot(batch, buffer)
+            submit_next()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         gc.unfreeze()
@@ -206,7 +266,8 @@ def extract_split(
     an exported one (:func:`vlretrieval.models.export.export_model`), run on the GPU when paddle
     has CUDA and sees a device, else on the CPU with ``threads`` math-library threads (default:
     every CPU this process may use). ``prefetch_workers`` processes prepare batches while the
-    encoder runs (default: one per CPU of the ``threads`` budget beyond the first, at least one;
+    encoder runs (default: one per CPU of the ``threads`` budget; a worker only works while fewer
+    than two batches per worker wait, so workers take the CPU time the encoder leaves;
     0 prepares each batch in turn, in this process). ``max_len`` defaults to the model's evaluation context length (for an export,
     the one recorded at export).
     With ``export_reference`` the reference ``imgs.img_feat.jsonl`` / ``texts.txt_feat.jsonl``
@@ -228,13 +289,16 @@ def extract_split(
     transform = family.image_transform(encoders.image_size, train=False)
 
     if prefetch_workers is None:
-        prefetch_workers = max(1, int(threads or default_threads()) - 1)
+        prefetch_workers = max(1, int(threads or default_threads()))
     where = str(split_dir)
 
     started = time.perf_counter()
     images = ImageDataset(split_dir, transform)
+    # Slots hold a batch's arrays: float32 pixels and int64 ids; int64 token ids, mask and ids.
+    image_slot = image_batch_size * (3 * encoders.image_size ** 2 * 4 + 8) + 2 * _ALIGN
     image_batches = prepared_batches(images, collate_images, batch_size=image_batch_size, ids=images.image_ids,
-                                     id_key="image_id", location=where, workers=prefetch_workers)
+                                     id_key="image_id", location=where, workers=prefetch_workers,
+                                     slot_bytes=image_slot)
     image_set = _encode_all(image_batches, "image_ids", encoders.encode_images, len(images), "image", progress)
     image_seconds = time.perf_counter() - started
 
@@ -242,7 +306,8 @@ def extract_split(
     texts = TextDataset(split_dir, FamilyTokenizer(family.name, tokenizer), max_len=max_len)
     text_batches = prepared_batches(texts, TextCollator(getattr(tokenizer, "pad_token_id", 0) or 0),
                                     batch_size=text_batch_size, ids=texts.text_ids, id_key="text_id",
-                                    location=where, workers=prefetch_workers)
+                                    location=where, workers=prefetch_workers,
+                                    slot_bytes=text_batch_size * (2 * max_len * 8 + 8) + 3 * _ALIGN)
     text_set = _encode_all(text_batches, "text_ids", encoders.encode_texts, len(texts), "text", progress)
     text_seconds = time.perf_counter() - started
 
