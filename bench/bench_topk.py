@@ -8,9 +8,12 @@ features (default 25,000 texts x 5,000 images x 768 dims):
     timed on a subsample of queries and extrapolated linearly (its cost per query is constant);
     numpy's argsort stands in for the reference's Python ``sorted`` over tuples, which only
     flatters the reference;
-(c) the floor: one bare ``texts @ images.T`` product with no selection at all;
+(c) the floor: one bare ``texts @ images.T`` product with no selection at all, on the BLAS the
+    project uses (``vlretrieval.retrieval.blas``) and every core; numpy's own ``@`` is timed too;
 (d) the peer a user would otherwise pick: faiss's exact ``IndexFlatIP`` (building the index and
-    searching it), on the same features and the same number of threads;
+    searching it), on the same features and the same number of threads, as installed; and again
+    in a subprocess with ``OPENBLAS_CORETYPE`` set to the kernel the project's BLAS runs, when
+    faiss's bundled OpenBLAS picked another one (``project_over_faiss_same_kernel``);
 (e) both directions from one product (``topk_search_both``: every text's top k images and every
     image's top k texts), what the workflow's ranking step runs.
 
@@ -43,10 +46,11 @@ import numpy as np
 
 from vlretrieval.config import MODELS_SCHEMA, schema_default
 from vlretrieval.retrieval.features import FeatureSet
+from vlretrieval.retrieval.blas import BLAS, inner_products
 from vlretrieval.retrieval.topk import (
     DEFAULT_CHUNK_SIZE,
     PRODUCT_ROWS,
-    SELECTION_THREADS,
+    RANKING_THREADS,
     topk_search,
     topk_search_both,
 )
@@ -146,17 +150,45 @@ def tie_agreement(ids_a: np.ndarray, scores_a: np.ndarray, ids_b: np.ndarray, sc
 
 
 def blas_description() -> str:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "unknown (threadpoolctl not installed)"
-    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
-    if not pools:
-        return "unknown"
+    from threadpoolctl import threadpool_info
+
     return "; ".join(
-        f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}, {p.get('num_threads')} threads)"
-        for p in pools
+        f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}, {p.get('num_threads')} threads, "
+        f"{Path(p['filepath']).name})"
+        for p in threadpool_info() if p.get("user_api") == "blas"
     )
+
+
+def blas_architectures() -> tuple[str | None, str | None]:
+    """The kernel of the project's BLAS and the kernel of faiss's bundled OpenBLAS."""
+    import faiss  # noqa: F401  (loads its OpenBLAS)
+    from threadpoolctl import threadpool_info
+
+    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    project = next((p.get("architecture") for p in pools if p["filepath"] in BLAS), None)
+    peer = next((p.get("architecture") for p in pools if "faiss" in p["filepath"]), None)
+    return project, peer
+
+
+def faiss_child(args: argparse.Namespace) -> None:
+    """Subprocess body: faiss's best wall time over the repeats, as JSON."""
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    texts, images = make_sets(args)
+    timing = Timing()
+    for _ in range(args.repeat):
+        timing.run(lambda: faiss_search(texts, images, args.k))
+    print(json.dumps({"wall": timing.wall, "blas": blas_description()}))
+
+
+def faiss_same_kernel(args: argparse.Namespace, kernel: str) -> dict:
+    cmd = [sys.executable, __file__, "--faiss-child", "--texts", str(args.texts), "--images", str(args.images),
+           "--dim", str(args.dim), "--k", str(args.k), "--seed", str(args.seed), "--repeat", str(args.repeat),
+           "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                          env={**os.environ, "OPENBLAS_CORETYPE": kernel})
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def tracemalloc_peak(texts: FeatureSet, images: FeatureSet, k: int, chunk_size: int) -> int:
@@ -189,7 +221,7 @@ def rss_child(args: argparse.Namespace) -> None:
     """
     texts, images = make_sets(args)
     # Warm BLAS (its per-thread buffers) and page in the inputs so neither is charged to the ranking.
-    texts.vectors[:PRODUCT_ROWS] @ images.vectors.T
+    inner_products(texts.vectors[:PRODUCT_ROWS], images.vectors, np.empty((PRODUCT_ROWS, args.images), np.float32))
     float(texts.vectors.sum() + images.vectors.sum())
     method = "ru_maxrss"
     try:
@@ -229,15 +261,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", type=int, nargs="*", default=[],
                         help="also time (a) at these chunk sizes")
-    parser.add_argument("--threads", type=int, default=SELECTION_THREADS,
+    parser.add_argument("--threads", type=int, default=RANKING_THREADS,
                         help="faiss OpenMP threads (default: the cores this process may use, as the project's "
-                        "selection and BLAS use)")
+                        "ranking threads and BLAS use)")
     parser.add_argument("--no-faiss", action="store_true", help="skip (d) (faiss-cpu not installed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here, by name")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--faiss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args)
+        return
+    if args.faiss_child:
+        faiss_child(args)
         return
     if not args.no_faiss:
         import faiss
@@ -245,30 +281,33 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
 
     print(f"python {platform.python_version()}, numpy {np.__version__}, BLAS: {blas_description()}")
+    print(f"the project's product: {BLAS}")
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, cpus={os.cpu_count()}")
     print(f"sizes: {args.texts} texts x {args.images} images x {args.dim} dims, k={args.k}, "
           f"chunk_size={args.chunk_size} (products of {PRODUCT_ROWS} rows)")
     texts, images = make_sets(args)
 
     # Warm BLAS threads and page in the inputs before anything is timed.
+    full = np.empty((args.texts, args.images), dtype=np.float32)
+    inner_products(texts.vectors, images.vectors, full)
     texts.vectors[:PRODUCT_ROWS] @ images.vectors.T
+    full_bytes = full.nbytes
 
     load_before = os.getloadavg()
-    project, bare, peer, both = Timing(), Timing(), Timing(), Timing()
-    full_bytes = 0
+    project, bare, numpy_bare, peer, both = Timing(), Timing(), Timing(), Timing(), Timing()
     # Interleaved, so all see the same background load; the best of each is kept.
     for _ in range(args.repeat):
         query_ids, top_ids, top_scores = project.run(
             lambda: topk_search(texts, images, args.k, chunk_size=args.chunk_size))
-        full = bare.run(lambda: texts.vectors @ images.vectors.T)
-        full_bytes = full.nbytes
-        del full
+        bare.run(lambda: inner_products(texts.vectors, images.vectors, full))
+        numpy_bare.run(lambda: np.matmul(texts.vectors, images.vectors.T, out=full))
         if not args.no_faiss:
             faiss_ids, faiss_scores = peer.run(lambda: faiss_search(texts, images, args.k))
         (_, both_ids, _), _ = both.run(
             lambda: topk_search_both(texts, images, args.k, args.k, chunk_size=args.chunk_size))
         if not np.array_equal(both_ids, top_ids):
             raise SystemExit("topk_search_both and topk_search disagree on the text-to-image lists")
+    del full
 
     sample = np.linspace(0, args.texts - 1, num=min(args.reference_sample, args.texts)).astype(np.int64)
     reference_sample = Timing()
@@ -293,6 +332,8 @@ def main() -> None:
           f"extrapolated from {literal_rows.size} queries ({literal_sample.wall:.3f} s) to {args.texts}")
     print(f"{'(c) bare product texts @ images.T':44s} {bare.wall:8.3f} {bare.cpu:8.3f}  "
           f"one full product, no selection, best of {args.repeat}")
+    print(f"{'(c2) the same with numpy @':44s} {numpy_bare.wall:8.3f} {numpy_bare.cpu:8.3f}  "
+          f"numpy's bundled BLAS, best of {args.repeat}")
     if not args.no_faiss:
         print(f"{'(d) faiss IndexFlatIP (add + search)':44s} {peer.wall:8.3f} {peer.cpu:8.3f}  "
               f"{args.threads} OpenMP threads, best of {args.repeat}")
@@ -307,10 +348,17 @@ def main() -> None:
           f"   (goal <= 1.25)")
     print(f"both directions / bare = {both.wall / bare.wall:6.2f} wall (two separate searches would cost about "
           f"{2 * project.wall / bare.wall:.2f})")
+    same_kernel = None
     if not args.no_faiss:
         faiss_same, faiss_tied, faiss_gap = tie_agreement(top_ids, top_scores, faiss_ids, faiss_scores, 1e-5)
         print(f"project / faiss     = {project.wall / peer.wall:6.2f} wall, {project.cpu / peer.cpu:6.2f} cpu"
-              f"   (goal <= 1.0)")
+              f"   (goal <= 1.0; faiss as installed)")
+        project_kernel, faiss_kernel = blas_architectures()
+        if project_kernel and faiss_kernel and project_kernel != faiss_kernel:
+            same_kernel = faiss_same_kernel(args, project_kernel)
+            print(f"project / faiss on the project's kernel = {project.wall / same_kernel['wall']:6.2f} wall "
+                  f"(faiss {same_kernel['wall']:.3f} s with OPENBLAS_CORETYPE={project_kernel}; it picked "
+                  f"{faiss_kernel} by itself)")
         print(f"faiss top-{args.k} ids identical to the project's on {faiss_same} of {args.texts} queries, "
               f"{faiss_tied} more differ only among scores tied within 1e-5; largest score gap at equal rank "
               f"{faiss_gap:.2e}")
@@ -343,6 +391,7 @@ def main() -> None:
         "project_over_bare": project.wall / bare.wall,
         "project_s": project.wall,
         "bare_s": bare.wall,
+        "numpy_bare_s": numpy_bare.wall,
         "project_cpu_over_bare_cpu": project.cpu / bare.cpu,
         "both_directions_over_bare": both.wall / bare.wall,
         "both_directions_s": both.wall,
@@ -361,13 +410,16 @@ def main() -> None:
         figures.update({
             "project_over_faiss": project.wall / peer.wall,
             "faiss_s": peer.wall,
+            # Without a different kernel to force, faiss as installed already ran on the project's.
+            "project_over_faiss_same_kernel": project.wall / (same_kernel or {"wall": peer.wall})["wall"],
+            "faiss_same_kernel_s": (same_kernel or {"wall": peer.wall})["wall"],
             "faiss_identical_queries": faiss_same,
             "faiss_tie_only_differences": faiss_tied,
             "faiss_disagreements": args.texts - faiss_same - faiss_tied,
         })
     write_figures(args.json, "bench_topk", figures, texts=args.texts, images=args.images, dim=args.dim, k=args.k,
                   chunk_size=args.chunk_size, product_rows=PRODUCT_ROWS, repeat=args.repeat, threads=args.threads,
-                  blas=blas_description(), numpy=np.__version__,
+                  blas=blas_description(), product_blas=BLAS, numpy=np.__version__,
                   faiss=None if args.no_faiss else faiss.__version__,
                   load_average_before=load_before[0], load_average_after=load_after[0])
     if not args.no_faiss and figures["faiss_disagreements"]:

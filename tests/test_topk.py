@@ -11,6 +11,7 @@ import pytest
 from vlretrieval.errors import DataError
 from vlretrieval.retrieval.features import FeatureSet, export_reference_jsonl, l2_normalize, save_features
 from vlretrieval.retrieval.predictions import IMAGE_TO_TEXT, TEXT_TO_IMAGE, read_predictions
+from vlretrieval.retrieval import topk
 from vlretrieval.retrieval.topk import (
     PRODUCT_ROWS,
     main,
@@ -133,6 +134,32 @@ def test_both_directions_with_ties_across_chunks(seed):
                           for row, value in zip(by_gallery, kth)]
     assert max(chunks_holding_kth) > 1, "the data must put 25th-place ties in several chunks"
     _assert_both_directions(queries, gallery, 10, 25, exact_scores=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_results_do_not_depend_on_the_number_of_ranking_threads(monkeypatch, threads):
+    # 1,100 queries in chunks of 256: five chunks, spread over the threads in any interleaving.
+    rng = np.random.default_rng(5)
+    queries, gallery = random_set(rng, 1100, 24), random_set(rng, 300, 24, id_offset=7)
+    want = brute_force(queries, gallery, 10)
+    monkeypatch.setattr(topk, "RANKING_THREADS", 1)
+    (_, one_ids, one_scores), (_, one_rev_ids, one_rev_scores) = topk_search_both(
+        queries, gallery, 10, 7, chunk_size=PRODUCT_ROWS)
+    monkeypatch.setattr(topk, "RANKING_THREADS", threads)
+    (_, ids, scores), (_, rev_ids, rev_scores) = topk_search_both(queries, gallery, 10, 7, chunk_size=PRODUCT_ROWS)
+    np.testing.assert_array_equal(ids, want[0])
+    assert ids.tobytes() == one_ids.tobytes() and scores.tobytes() == one_scores.tobytes()
+    assert rev_ids.tobytes() == one_rev_ids.tobytes() and rev_scores.tobytes() == one_rev_scores.tobytes()
+
+
+def test_a_bad_query_row_is_named_whichever_thread_meets_it(monkeypatch):
+    rng = np.random.default_rng(6)
+    queries, gallery = random_set(rng, 1100, 8), random_set(rng, 50, 8)
+    vectors = queries.vectors.copy()
+    vectors[[700, 1050], 3] = np.inf  # in the third and fifth chunks
+    monkeypatch.setattr(topk, "RANKING_THREADS", 3)
+    with pytest.raises(ValueError, match=r"query row 700 \(id=\d+\) has NaN or infinite"):
+        topk_search(FeatureSet(queries.ids, vectors), gallery, 5, chunk_size=PRODUCT_ROWS)
 
 
 def test_both_directions_k_above_either_set_is_an_error():
