@@ -266,8 +266,7 @@ def extract_split(
     an exported one (:func:`vlretrieval.models.export.export_model`), run on the GPU when paddle
     has CUDA and sees a device, else on the CPU with ``threads`` math-library threads (default:
     every CPU this process may use). ``prefetch_workers`` processes prepare batches while the
-    encoder runs (default: one per CPU of the ``threads`` budget; a worker only works while fewer
-    than two batches per worker wait, so workers take the CPU time the encoder leaves;
+    encoder runs (default: one per CPU of the ``threads`` budget beyond the first, at least one;
     0 prepares each batch in turn, in this process). ``max_len`` defaults to the model's evaluation context length (for an export,
     the one recorded at export).
     With ``export_reference`` the reference ``imgs.img_feat.jsonl`` / ``texts.txt_feat.jsonl``
@@ -289,7 +288,7 @@ def extract_split(
     transform = family.image_transform(encoders.image_size, train=False)
 
     if prefetch_workers is None:
-        prefetch_workers = max(1, int(threads or default_threads()))
+        prefetch_workers = max(1, int(threads or default_threads()) - 1)
     where = str(split_dir)
 
     started = time.perf_counter()
