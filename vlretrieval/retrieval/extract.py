@@ -104,7 +104,8 @@ def _build_batch(preparer: tuple, start: int, stop: int) -> dict:
 
 
 def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_size: int, ids: list[int],
-                     id_key: str, location: str, workers: int, slot_bytes: int = 0) -> Iterator[dict]:
+                     id_key: str, location: str, workers: int, slot_bytes: int = 0,
+                     finished: list | None = None) -> Iterator[dict]:
     """``collate([dataset[i] for i in batch])`` for consecutive batches of ``batch_size``, in order.
 
     With ``workers`` > 0 that many forked processes prepare the next batches while the caller
@@ -119,7 +120,9 @@ def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_siz
     asking for the next batch.
 
     An item that cannot be prepared raises :class:`DataError` naming ``location`` and the item's
-    ``id_key``; the workers are then stopped before the error propagates.
+    ``id_key``; the workers are then stopped before the error propagates. When every batch has been
+    consumed the workers are told to exit and are waited for, unless a ``finished`` list is given:
+    their processes are then appended to it without waiting, for the caller to ``join()`` later.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -164,8 +167,17 @@ def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_siz
             batch = pending.popleft().result()
             yield batch if buffer is None else _from_slot(batch, buffer)
             submit_next()
-    finally:
+    except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    else:
+        # The idle workers exit in the background; waiting for them here would stall the caller.
+        # (shutdown without waiting forgets the processes, so they are taken first.)
+        processes = list(pool._processes.values()) if finished is not None else []
+        pool.shutdown(wait=finished is None)
+        if finished is not None:
+            finished.extend(processes)
+    finally:
         gc.unfreeze()
 
 
@@ -291,24 +303,31 @@ def extract_split(
         prefetch_workers = max(1, int(threads or default_threads()) - 1)
     where = str(split_dir)
 
-    started = time.perf_counter()
-    images = ImageDataset(split_dir, transform)
-    # Slots hold a batch's arrays: float32 pixels and int64 ids; int64 token ids, mask and ids.
-    image_slot = image_batch_size * (3 * encoders.image_size ** 2 * 4 + 8) + 2 * _ALIGN
-    image_batches = prepared_batches(images, collate_images, batch_size=image_batch_size, ids=images.image_ids,
-                                     id_key="image_id", location=where, workers=prefetch_workers,
-                                     slot_bytes=image_slot)
-    image_set = _encode_all(image_batches, "image_ids", encoders.encode_images, len(images), "image", progress)
-    image_seconds = time.perf_counter() - started
+    # Workers of the passes that are done: they exit while the next pass runs, and are joined here.
+    finished: list = []
+    try:
+        started = time.perf_counter()
+        images = ImageDataset(split_dir, transform)
+        # Slots hold a batch's arrays: float32 pixels and int64 ids; int64 token ids, mask and ids.
+        image_slot = image_batch_size * (3 * encoders.image_size ** 2 * 4 + 8) + 2 * _ALIGN
+        image_batches = prepared_batches(images, collate_images, batch_size=image_batch_size, ids=images.image_ids,
+                                         id_key="image_id", location=where, workers=prefetch_workers,
+                                         slot_bytes=image_slot, finished=finished)
+        image_set = _encode_all(image_batches, "image_ids", encoders.encode_images, len(images), "image", progress)
+        image_seconds = time.perf_counter() - started
 
-    started = time.perf_counter()
-    texts = TextDataset(split_dir, FamilyTokenizer(family.name, tokenizer), max_len=max_len)
-    text_batches = prepared_batches(texts, TextCollator(getattr(tokenizer, "pad_token_id", 0) or 0),
-                                    batch_size=text_batch_size, ids=texts.text_ids, id_key="text_id",
-                                    location=where, workers=prefetch_workers,
-                                    slot_bytes=text_batch_size * (2 * max_len * 8 + 8) + 3 * _ALIGN)
-    text_set = _encode_all(text_batches, "text_ids", encoders.encode_texts, len(texts), "text", progress)
-    text_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        texts = TextDataset(split_dir, FamilyTokenizer(family.name, tokenizer), max_len=max_len)
+        text_batches = prepared_batches(texts, TextCollator(getattr(tokenizer, "pad_token_id", 0) or 0),
+                                        batch_size=text_batch_size, ids=texts.text_ids, id_key="text_id",
+                                        location=where, workers=prefetch_workers,
+                                        slot_bytes=text_batch_size * (2 * max_len * 8 + 8) + 3 * _ALIGN,
+                                        finished=finished)
+        text_set = _encode_all(text_batches, "text_ids", encoders.encode_texts, len(texts), "text", progress)
+        text_seconds = time.perf_counter() - started
+    finally:
+        for process in finished:
+            process.join()
 
     summary = {
         "model_dir": str(model_dir),
