@@ -124,10 +124,10 @@ def test_both_directions_from_one_product_match_brute_force(seed, n_queries, n_g
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_both_directions_with_ties_across_chunks(seed):
-    # Integer scores tie everywhere, and 700 queries span several chunks, so a gallery item's
+    # Integer scores tie everywhere, and the queries span three chunks, so a gallery item's
     # ties straddle chunk boundaries: the lower query position must win in the merge.
     rng = np.random.default_rng(seed)
-    queries, gallery = integer_set(rng, 700, 3), integer_set(rng, 60, 3)
+    queries, gallery = integer_set(rng, 2 * PRODUCT_ROWS + 188, 3), integer_set(rng, 60, 3)
     by_gallery = (queries.vectors @ gallery.vectors.T).T
     kth = np.sort(by_gallery, axis=1)[:, ::-1][:, 24]
     chunks_holding_kth = [len(set((np.flatnonzero(row == value) // PRODUCT_ROWS).tolist()))
@@ -138,9 +138,9 @@ def test_both_directions_with_ties_across_chunks(seed):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_results_do_not_depend_on_the_number_of_ranking_threads(monkeypatch, threads):
-    # 1,100 queries in chunks of 256: five chunks, spread over the threads in any interleaving.
+    # Five chunks, spread over the threads in any interleaving.
     rng = np.random.default_rng(5)
-    queries, gallery = random_set(rng, 1100, 24), random_set(rng, 300, 24, id_offset=7)
+    queries, gallery = random_set(rng, 4 * PRODUCT_ROWS + 76, 24), random_set(rng, 300, 24, id_offset=7)
     want = brute_force(queries, gallery, 10)
     monkeypatch.setattr(topk, "RANKING_THREADS", 1)
     (_, one_ids, one_scores), (_, one_rev_ids, one_rev_scores) = topk_search_both(
@@ -154,11 +154,12 @@ def test_results_do_not_depend_on_the_number_of_ranking_threads(monkeypatch, thr
 
 def test_a_bad_query_row_is_named_whichever_thread_meets_it(monkeypatch):
     rng = np.random.default_rng(6)
-    queries, gallery = random_set(rng, 1100, 8), random_set(rng, 50, 8)
+    queries, gallery = random_set(rng, 4 * PRODUCT_ROWS + 76, 8), random_set(rng, 50, 8)
     vectors = queries.vectors.copy()
-    vectors[[700, 1050], 3] = np.inf  # in the third and fifth chunks
+    bad = [2 * PRODUCT_ROWS + 5, 4 * PRODUCT_ROWS + 50]  # in the third and fifth chunks
+    vectors[bad, 3] = np.inf
     monkeypatch.setattr(topk, "RANKING_THREADS", 3)
-    with pytest.raises(ValueError, match=r"query row 700 \(id=\d+\) has NaN or infinite"):
+    with pytest.raises(ValueError, match=rf"query row {bad[0]} \(id=\d+\) has NaN or infinite"):
         topk_search(FeatureSet(queries.ids, vectors), gallery, 5, chunk_size=PRODUCT_ROWS)
 
 
@@ -255,9 +256,11 @@ def test_no_queries():
 def test_progress_is_logged_per_chunk(caplog, capsys):
     rng = np.random.default_rng(0)
     with caplog.at_level(logging.INFO, logger="vlretrieval.retrieval.topk"):
-        topk_search(random_set(rng, 600, 4), random_set(rng, 20, 4), 3, chunk_size=PRODUCT_ROWS, progress=True)
+        topk_search(random_set(rng, 2 * PRODUCT_ROWS + 88, 4), random_set(rng, 20, 4), 3, chunk_size=PRODUCT_ROWS,
+                    progress=True)
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 3 and "600/600 queries ranked against 20" in messages[-1]
+    total = 2 * PRODUCT_ROWS + 88
+    assert len(messages) == 3 and f"{total}/{total} queries ranked against 20" in messages[-1]
     assert capsys.readouterr().out == ""
 
 
