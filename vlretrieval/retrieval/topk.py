@@ -10,7 +10,7 @@ for every gallery item from the same chunks, so both retrieval directions cost o
 Why a chunk per thread rather than one multi-threaded product followed by a split selection:
 OpenBLAS's worker threads keep spinning for a while after each product, and the selection that
 followed ran on cores they still held. At the COCO 5K shape that pattern cost about 1.5x one
-bare product; each thread doing its own product and selection cost 1.14-1.36x over six runs.
+bare product; each thread doing its own product and selection cost 1.14-1.37x over seven runs.
 
 Order of results
     Descending score; equal scores in ascending gallery position (row order of the gallery
