@@ -46,7 +46,7 @@ import numpy as np
 
 from vlretrieval.config import MODELS_SCHEMA, schema_default
 from vlretrieval.retrieval.features import FeatureSet
-from vlretrieval.retrieval.blas import BLAS, inner_products
+from vlretrieval.retrieval.blas import BLAS, BLAS_LIBRARY, inner_products
 from vlretrieval.retrieval.topk import (
     DEFAULT_CHUNK_SIZE,
     PRODUCT_ROWS,
@@ -165,7 +165,7 @@ def blas_architectures() -> tuple[str | None, str | None]:
     from threadpoolctl import threadpool_info
 
     pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
-    project = next((p.get("architecture") for p in pools if p["filepath"] in BLAS), None)
+    project = BLAS_LIBRARY.get("architecture") if BLAS_LIBRARY else None
     peer = next((p.get("architecture") for p in pools if "faiss" in p["filepath"]), None)
     return project, peer
 

@@ -300,3 +300,16 @@ def test_tiny_architecture_overrides_are_checked(family_name, tmp_path):
         family.build_tiny(vocab, text_heads=3)
     model, _ = family.build_tiny(vocab, image_size=32)
     assert family.image_size(model) == 32
+
+
+@pytest.mark.parametrize("mean,std", [(base.IMAGENET_MEAN, base.IMAGENET_STD),
+                                      ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+def test_normalisation_by_table_is_bit_identical_to_the_arithmetic(mean, std):
+    # Every 8-bit value in every channel, laid out as a 256 x 3 image, plus a random photo-sized one.
+    every_value = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)
+    photo = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for pixels in (every_value, photo):
+        arithmetic = (pixels.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        got = base.normalised_chw(pixels, mean, std)
+        assert got.dtype == np.float32 and got.shape == (3, *pixels.shape[:2]) and got.flags.c_contiguous
+        assert got.tobytes() == np.ascontiguousarray(arithmetic.transpose(2, 0, 1)).tobytes()

@@ -8,7 +8,8 @@ for the call: several Python threads can each run their own single-threaded prod
 which scipy's own ``sgemm`` wrapper (it holds the GIL) does not allow.
 
 Where no such library is loaded (another scipy build, say), ``np.matmul`` runs the product; it
-releases the GIL too. :data:`BLAS` names what is used.
+releases the GIL too. :data:`BLAS` names what is used; :data:`BLAS_LIBRARY` is threadpoolctl's
+record of the library called directly (None when ``np.matmul`` runs the product).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def _cblas_sgemm():
             function.argtypes = [c_int, c_int, c_int, c_int, c_int, c_int, c_float,
                                  c_pointer, c_int, c_pointer, c_int, c_float, c_pointer, c_int]
             if _agrees_with_numpy(function):
-                return function, f"{pool.get('internal_api')} {pool.get('version')} " \
-                                 f"({pool.get('architecture')}, {symbol} of {pool['filepath']})"
-    return None, f"numpy.matmul ({', '.join(_numpy_blas())})"
+                return function, pool, f"{pool.get('internal_api')} {pool.get('version')} " \
+                                       f"({pool.get('architecture')}, {symbol} of {pool['filepath']})"
+    return None, None, f"numpy.matmul ({', '.join(_numpy_blas())})"
 
 
 def _numpy_blas() -> list[str]:
@@ -67,7 +68,7 @@ def _agrees_with_numpy(function) -> bool:
     return np.array_equal(out, queries @ gallery.T)
 
 
-_SGEMM, BLAS = _cblas_sgemm()
+_SGEMM, BLAS_LIBRARY, BLAS = _cblas_sgemm()
 
 
 def inner_products(queries: np.ndarray, gallery: np.ndarray, out: np.ndarray) -> np.ndarray:

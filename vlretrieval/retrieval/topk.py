@@ -86,8 +86,8 @@ def _rank_chunks(queries: FeatureSet, gallery: FeatureSet, chunk_size: int, rank
     ``start:stop`` against the whole gallery, chunks in ascending order per thread.
 
     ``thread`` numbers the calling thread (0 .. threads - 1); ``scores`` is that thread's buffer,
-    reused for its next chunk. Returns the number of threads. The first error (in query order)
-    is raised once every thread has stopped.
+    reused for its next chunk. The first error (in query order) is raised once every thread has
+    stopped.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -138,7 +138,6 @@ def _rank_chunks(queries: FeatureSet, gallery: FeatureSet, chunk_size: int, rank
             future.result()
     if errors:
         raise min(errors, key=lambda pair: pair[0])[1]
-    return threads
 
 
 def topk_search(
@@ -222,9 +221,7 @@ def topk_search_both(
     rows = np.concatenate([np.repeat(np.arange(n_gallery), pos.shape[1]) for pos, _ in lists])
     positions = np.concatenate([pos.ravel() for pos, _ in lists])
     values = np.concatenate([val.ravel() for _, val in lists])
-    order = _row_value_position_order(rows, values, positions)
-    counts = np.bincount(rows, minlength=n_gallery)
-    take = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k_gallery)]
+    take = _best_per_row(rows, values, positions, n_gallery, k_gallery)
     return ((queries.ids.copy(), top_ids, top_scores),
             (gallery.ids.copy(), queries.ids[positions[take]], values[take]))
 
@@ -279,11 +276,16 @@ def select_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         cand_pos = np.concatenate([cand_pos, tail_pos[keep]])
         cand_vals = np.concatenate([cand_vals, tail_vals[keep]])
 
-    order = _row_value_position_order(cand_rows, cand_vals, cand_pos)
-    counts = np.bincount(cand_rows, minlength=n_rows)
-    starts = np.cumsum(counts) - counts
-    take = order[starts[:, None] + np.arange(k)]
+    take = _best_per_row(cand_rows, cand_vals, cand_pos, n_rows, k)
     return cand_pos[take].astype(np.int64, copy=False), cand_vals[take]
+
+
+def _best_per_row(rows: np.ndarray, values: np.ndarray, positions: np.ndarray, n_rows: int, k: int) -> np.ndarray:
+    """``[n_rows, k]`` indices into the candidates: each row's ``k`` best, by value descending and
+    then position ascending. Every row must have at least ``k`` candidates."""
+    order = _row_value_position_order(rows, values, positions)
+    counts = np.bincount(rows, minlength=n_rows)
+    return order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]
 
 
 def _row_value_position_order(rows: np.ndarray, values: np.ndarray, positions: np.ndarray) -> np.ndarray:
