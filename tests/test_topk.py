@@ -332,3 +332,24 @@ def test_select_topk_rejects_nan():
     scores[0, 99] = np.nan  # in the tail no block covers
     with pytest.raises(ValueError, match="NaN"):
         select_topk(scores, 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_column_candidates_hold_every_score_that_can_enter_a_column_list(seed):
+    # Small integer scores tie everywhere; some columns have a floor (a full list's k-th score),
+    # others none yet. Every score of a column's k best that reaches its floor must be a candidate.
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-6, 7, size=(203, 41)).astype(np.float32)
+    floor = rng.integers(-2, 7, size=41).astype(np.float32)
+    floor[rng.random(41) < 0.3] = -np.inf
+    k = 7
+    rows, cols, values = topk._column_candidates(scores, floor, k)
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == rows.size
+    np.testing.assert_array_equal(values, scores[rows, cols])
+    assert (values >= floor[cols]).all()
+    held = set(zip(rows.tolist(), cols.tolist()))
+    best_rows = np.argsort(-scores, axis=0, kind="stable")[:k]
+    needed = {(int(row), col) for col in range(41) for row in best_rows[:, col] if scores[row, col] >= floor[col]}
+    assert needed <= held
+    # The block maxima prune: far fewer candidates than scores.
+    assert rows.size < scores.size // 2

@@ -5,7 +5,8 @@ computes its chunk's scores against the whole gallery (a single-threaded BLAS pr
 :mod:`.blas`) and selects the best of them while they are still in its cache, with a selection
 that touches every score once and sorts only a handful of candidates per query. The full
 ``queries x gallery`` score matrix never exists. :func:`topk_search_both` also ranks the queries
-for every gallery item from the same chunks, so both retrieval directions cost one product.
+for every gallery item from the same chunks, so both retrieval directions cost one product, and
+each gallery item's running list of best queries soon sets a floor that most later scores miss.
 
 Why a chunk per thread rather than one multi-threaded product followed by a split selection:
 OpenBLAS's worker threads keep spinning for a while after each product, and the selection that
@@ -20,9 +21,10 @@ Order of results
 Reproducibility
     BLAS libraries pick kernels by matrix shape, and different kernels round the same dot
     product differently in the last bit. Every product is therefore computed on a block of
-    exactly :data:`PRODUCT_ROWS` query rows (the last block zero-padded), on one thread, so each
-    score, and with it the ranking, is bit-identical whatever ``chunk_size`` and the number of
-    cores are (for a given BLAS build).
+    exactly :data:`PRODUCT_ROWS` query rows, starting at a multiple of it (the last, shorter block
+    zero-padded to a multiple of ``_TAIL_ROWS``), on one thread, so each score, and with it the
+    ranking, is bit-identical whatever ``chunk_size`` and the number of cores are (for a given
+    BLAS build).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ log = logging.getLogger(__name__)
 # 0.624 s on 256-row calls and 0.594 s on 2,048-row calls (best of 8, 2 threads).
 PRODUCT_ROWS = 1024
 
+# The last block of queries, when shorter, is padded to a multiple of this many rows, not to a full
+# block: at the COCO 5K shape (24 full blocks and 424 rows) a full block would leave one thread
+# with 13 products to the other's 12.
+_TAIL_ROWS = 128
+
 # Query rows a thread scores and ranks per pass (eval.chunk_size); rounded up to a multiple of
 # PRODUCT_ROWS. Extra memory is about threads x chunk x gallery x 4 bytes: 40 MB on 2 cores against
 # a 5,000-image gallery, against 500 MB for the full 25,000-query score matrix.
@@ -64,6 +71,13 @@ _FOLD = 24
 
 # Threads that rank chunks side by side: the cores this process may run on.
 RANKING_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _product_rows(rows: int) -> int:
+    """Rows of the product that scores ``rows`` query rows: a full block, or for the last, shorter
+    block the next multiple of :data:`_TAIL_ROWS`, so the thread that takes it finishes about when
+    the others do."""
+    return min(PRODUCT_ROWS, -(-rows // _TAIL_ROWS) * _TAIL_ROWS)
 
 
 def _check_k(k, n_gallery: int, what: str = "the gallery") -> int:
@@ -117,11 +131,12 @@ def _rank_chunks(queries: FeatureSet, gallery: FeatureSet, chunk_size: int, rank
                 _finite_rows(block, queries.ids, start, "query")
                 for offset in range(0, stop - start, PRODUCT_ROWS):
                     rows = block[offset:offset + PRODUCT_ROWS]
-                    if rows.shape[0] < PRODUCT_ROWS or not rows.flags.c_contiguous or rows.dtype != np.float32:
+                    product_rows = _product_rows(rows.shape[0])
+                    if rows.shape[0] < product_rows or not rows.flags.c_contiguous or rows.dtype != np.float32:
                         padded[:rows.shape[0]] = rows
                         padded[rows.shape[0]:] = 0.0
-                        rows = padded
-                    inner_products(rows, gallery_vectors, scores[offset:offset + PRODUCT_ROWS])
+                        rows = padded[:product_rows]
+                    inner_products(rows, gallery_vectors, scores[offset:offset + product_rows])
                 rank_chunk(thread, start, stop, scores[:stop - start])
             except Exception as error:  # noqa: BLE001  (re-raised below, in query order)
                 with lock:
@@ -190,40 +205,82 @@ def topk_search_both(
     equal to ``topk_search(queries, gallery, k_queries)`` and the second ranking the queries for
     each gallery item, in the same order (descending score, equal scores in ascending query
     position). Every score is computed once and both directions use that same value, so a pair
-    ranks by the same number either way; only the chunks of score rows in hand are in memory, and
-    each thread merges its chunk's best queries into its own running list per gallery item.
+    ranks by the same number either way; only the chunks of score rows in hand are in memory.
+
+    Each thread keeps a running list of every gallery item's best queries among its chunks. Once
+    an item's list is full, its k-th score is a floor: a later chunk's score below it cannot enter
+    the list, and block maxima over the chunk's queries find the few scores that reach it.
     """
     k_queries = _check_k(k_queries, len(gallery))
     k_gallery = _check_k(k_gallery, len(queries), "the query set")
     n_queries, n_gallery = len(queries), len(gallery)
     top_ids = np.empty((n_queries, k_queries), dtype=np.int64)
     top_scores = np.empty((n_queries, k_queries), dtype=np.float32)
-    # Per thread and gallery item: query positions and scores of its best queries so far, best first.
-    best: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    nothing = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+    # Per thread: (gallery item, query position, score) of each item's best queries so far,
+    # ordered by item and then best first, at most k_gallery per item.
+    running: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def rank_chunk(thread, start, stop, scores):
         positions, values = select_topk(scores, k_queries)
         top_ids[start:stop] = gallery.ids[positions]
         top_scores[start:stop] = values
-        chunk_pos, chunk_val = select_topk(scores.T, min(k_gallery, stop - start))
-        best_pos, best_val = best.get(thread, (np.empty((n_gallery, 0), np.int64), np.empty((n_gallery, 0), np.float32)))
-        # A thread takes its chunks in ascending order and each list is in (score desc, position
-        # asc) order, so the stable selection over [best, chunk] keeps the order exact.
-        merged_pos = np.concatenate([best_pos, chunk_pos + start], axis=1)
-        merged_val = np.concatenate([best_val, chunk_val], axis=1)
-        order, best_val = select_topk(merged_val, min(k_gallery, merged_pos.shape[1]))
-        best[thread] = np.take_along_axis(merged_pos, order, axis=1), best_val
+        items, query_pos, item_vals = running.get(thread, nothing)
+        floor = _kth_per_row(items, item_vals, n_gallery, k_gallery)
+        cand_rows, cand_items, cand_vals = _column_candidates(scores, floor, k_gallery)
+        items = np.concatenate([items, cand_items])
+        query_pos = np.concatenate([query_pos, cand_rows + start])
+        item_vals = np.concatenate([item_vals, cand_vals])
+        keep = _ranked_per_row(items, item_vals, query_pos, n_gallery, k_gallery)
+        running[thread] = items[keep], query_pos[keep], item_vals[keep]
 
     _rank_chunks(queries, gallery, chunk_size, rank_chunk,
                  progress=f"top-{k_queries}/{k_gallery} both ways" if progress else "")
-    # Threads hold interleaved chunks, so their lists merge by query position among equal scores.
-    lists = [best[thread] for thread in sorted(best)]
-    rows = np.concatenate([np.repeat(np.arange(n_gallery), pos.shape[1]) for pos, _ in lists])
-    positions = np.concatenate([pos.ravel() for pos, _ in lists])
-    values = np.concatenate([val.ravel() for _, val in lists])
-    take = _best_per_row(rows, values, positions, n_gallery, k_gallery)
+    # Every thread's list is exact for its own chunks, so the best of their union is exact.
+    items, query_pos, item_vals = (np.concatenate(parts) for parts in zip(nothing, *running.values()))
+    take = _best_per_row(items, item_vals, query_pos, n_gallery, k_gallery)
     return ((queries.ids.copy(), top_ids, top_scores),
-            (gallery.ids.copy(), queries.ids[positions[take]], values[take]))
+            (gallery.ids.copy(), queries.ids[query_pos[take]], item_vals[take]))
+
+
+def _kth_per_row(rows: np.ndarray, values: np.ndarray, n_rows: int, k: int) -> np.ndarray:
+    """Each row's k-th value from lists ordered by row and then best first; -inf where a row has
+    fewer than ``k`` entries."""
+    counts = np.bincount(rows, minlength=n_rows)
+    kth = np.full(n_rows, -np.inf, dtype=np.float32)
+    full = counts >= k
+    kth[full] = values[(np.cumsum(counts) - 1)[full]]
+    return kth
+
+
+def _column_candidates(scores: np.ndarray, floor: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, columns, values)`` of the scores that may be among their column's ``k`` best once
+    merged with lists whose k-th values are ``floor`` (-inf for a list not yet full): every score
+    at least as high as the floor and as the column's own lower bound, ties included.
+
+    The same block-maxima method as :func:`select_topk`, folded over rows: block maxima are
+    elementwise maxima of whole rows, one pass over the scores.
+    """
+    n_rows, n_cols = scores.shape
+    fold = max(1, min(_FOLD, n_rows // k))
+    width = n_rows // fold
+    blocks = scores[:fold * width].reshape(fold, width, n_cols)
+    maxima = blocks.max(axis=0)
+    threshold = floor
+    if k <= width and np.isneginf(floor).any():
+        # The k-th largest block maximum of a column is a lower bound on its k-th best score.
+        threshold = np.maximum(floor, np.sort(maxima, axis=0)[width - k])
+    hit_blocks, hit_cols = np.divmod(np.flatnonzero(maxima >= threshold), n_cols)
+    hit_vals = blocks[:, hit_blocks, hit_cols]
+    member, hit = np.nonzero(hit_vals >= threshold[hit_cols])
+    rows, cols, values = hit_blocks[hit] + width * member, hit_cols[hit], hit_vals[member, hit]
+    if fold * width < n_rows:
+        tail_rows, tail_cols = np.nonzero(scores[fold * width:] >= threshold)
+        tail_rows += fold * width
+        rows = np.concatenate([rows, tail_rows])
+        cols = np.concatenate([cols, tail_cols])
+        values = np.concatenate([values, scores[tail_rows, tail_cols]])
+    return rows, cols, values
 
 
 def select_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,21 +317,17 @@ def select_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     # is 2-3x faster here than np.partition's per-row selection.
     threshold = np.sort(maxima, axis=1)[:, width - k]
 
-    hit_rows, hit_blocks = np.nonzero(maxima >= threshold[:, None])
-    cand_vals = blocks[hit_rows, :, hit_blocks]
-    cand_pos = hit_blocks[:, None] + width * np.arange(fold)
-    keep = cand_vals >= threshold[hit_rows][:, None]
-    cand_rows = np.broadcast_to(hit_rows[:, None], keep.shape)[keep]
-    cand_pos, cand_vals = cand_pos[keep], cand_vals[keep]
-    tail = n_cols - fold * width
-    if tail:
-        tail_rows = np.repeat(np.arange(n_rows), tail)
-        tail_pos = np.tile(np.arange(fold * width, n_cols), n_rows)
-        tail_vals = scores[:, fold * width:].ravel()
-        keep = tail_vals >= threshold[tail_rows]
-        cand_rows = np.concatenate([cand_rows, tail_rows[keep]])
-        cand_pos = np.concatenate([cand_pos, tail_pos[keep]])
-        cand_vals = np.concatenate([cand_vals, tail_vals[keep]])
+    hit_rows, hit_blocks = np.divmod(np.flatnonzero(maxima >= threshold[:, None]), width)
+    hit_vals = blocks[hit_rows, :, hit_blocks]
+    # Only the few hit entries that reach the threshold become candidates.
+    hit, member = np.nonzero(hit_vals >= threshold[hit_rows][:, None])
+    cand_rows, cand_pos, cand_vals = hit_rows[hit], hit_blocks[hit] + width * member, hit_vals[hit, member]
+    if fold * width < n_cols:
+        tail_rows, tail_cols = np.nonzero(scores[:, fold * width:] >= threshold[:, None])
+        tail_pos = tail_cols + fold * width
+        cand_rows = np.concatenate([cand_rows, tail_rows])
+        cand_pos = np.concatenate([cand_pos, tail_pos])
+        cand_vals = np.concatenate([cand_vals, scores[tail_rows, tail_pos]])
 
     take = _best_per_row(cand_rows, cand_vals, cand_pos, n_rows, k)
     return cand_pos[take].astype(np.int64, copy=False), cand_vals[take]
@@ -283,9 +336,16 @@ def select_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def _best_per_row(rows: np.ndarray, values: np.ndarray, positions: np.ndarray, n_rows: int, k: int) -> np.ndarray:
     """``[n_rows, k]`` indices into the candidates: each row's ``k`` best, by value descending and
     then position ascending. Every row must have at least ``k`` candidates."""
+    return _ranked_per_row(rows, values, positions, n_rows, k).reshape(n_rows, k)
+
+
+def _ranked_per_row(rows: np.ndarray, values: np.ndarray, positions: np.ndarray, n_rows: int, k: int) -> np.ndarray:
+    """Indices of each row's best ``k`` candidates (all of them where a row has fewer), ordered by
+    row and then by value descending and position ascending."""
     order = _row_value_position_order(rows, values, positions)
     counts = np.bincount(rows, minlength=n_rows)
-    return order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]
+    rank = np.arange(order.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    return order[rank < k]
 
 
 def _row_value_position_order(rows: np.ndarray, values: np.ndarray, positions: np.ndarray) -> np.ndarray:
