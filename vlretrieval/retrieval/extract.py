@@ -111,7 +111,7 @@ def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_siz
     With ``workers`` > 0 that many forked processes prepare the next batches while the caller
     consumes the current one; preparation is mostly Python (PIL calls, the transform, the
     tokenizer), which threads would serialise on the GIL against the encoder's own Python. At
-    most ``2 * workers`` batches are in flight. The first batch is prepared here while the
+    most ``2 * workers`` batches are in flight. The first batch is prepared here, before the
     workers start. With 0 each batch is prepared here when asked for.
 
     ``slot_bytes`` > 0 gives each batch in flight that many bytes of memory shared with the
@@ -137,6 +137,10 @@ def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_siz
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    # Batch 0 is prepared here before the workers are forked: prepared while they started (and
+    # while this process's pages were shared with them, so copied when first written), 64 images
+    # took 15-20 ms against 9-12 ms here.
+    first = _build_batch(preparer, *bounds[0])
     in_flight = 2 * workers
     # An anonymous shared mapping made before the fork is the same memory in every child.
     buffer = mmap.mmap(-1, in_flight * slot_bytes) if slot_bytes > 0 else None
@@ -162,7 +166,7 @@ def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_siz
     try:
         for _ in range(in_flight):
             submit_next()
-        yield _build_batch(preparer, *bounds[0])
+        yield first
         while pending:
             batch = pending.popleft().result()
             yield batch if buffer is None else _from_slot(batch, buffer)
