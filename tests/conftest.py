@@ -22,7 +22,7 @@ def snakemake_env() -> dict[str, str]:
     # Rules call `python`; it must be this interpreter so the package and its pins are the ones tested.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("GLOG_v", "0")
-    if not os.environ.get("VLRETRIEVAL_SLURM"):
+    if os.environ.get("VLRETRIEVAL_SLURM") != "1":
         # Only the opt-in SLURM stage talks to a cluster. Elsewhere the SLURM executor plugin, which
         # snakemake imports at start, would still ask `scontrol show config`, and on a machine whose
         # cluster is configured but stopped (ci/slurm/stop.sh) that waits 9-10 s for the controller;

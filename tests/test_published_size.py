@@ -143,9 +143,12 @@ def _check_published_initial_model(name: str, init_dir: Path) -> dict[str, Tenso
     return initial
 
 
-def _check_train_steps(train_log: Path, steps: int) -> None:
-    """``train_log`` records optimizer steps 1 to ``steps``, each with a finite positive loss."""
-    rows = [row for row in read_train_log(train_log) if row["event"] == "train"]
+def _check_train_steps(train_log: Path, steps: int, ranks: int) -> None:
+    """``train_log`` records a run on ``ranks`` ranks and optimizer steps 1 to ``steps``, each with a
+    finite positive loss."""
+    records = read_train_log(train_log)
+    assert [row["world_size"] for row in records if row["event"] == "start"] == [ranks], records
+    rows = [row for row in records if row["event"] == "train"]
     assert [row["step"] for row in rows] == list(range(1, steps + 1)), rows
     assert all(math.isfinite(row["loss"]) and row["loss"] > 0 for row in rows), rows
 
@@ -181,6 +184,8 @@ def test_published_vocabulary_bounds_a_caption_vocabulary(tmp_path):
 @pytest.mark.parametrize("name", sorted(name for name in BUILTIN_FAMILIES if DEMO_PAIR_RANKS.get(name, 2) < 2))
 def test_published_size_trains_two_ranks_where_the_demo_pair_cannot(name, split, tmp_path):
     family = get_family(name)
+    # Only cross encoders train their demo pair on fewer ranks; this test scores pairs after the step.
+    assert family.kind == CROSS_ENCODER, name
     lmdb, regions = split / "lmdb", split / "regions"
     init_dir = prepare_initial_model(name, "random", tmp_path / "init", vocab_texts=vocab_texts_from_split(lmdb), seed=0)
     initial = _check_published_initial_model(name, init_dir)
@@ -193,26 +198,16 @@ def test_published_size_trains_two_ranks_where_the_demo_pair_cannot(name, split,
     except FinetuneError as exc:
         logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((work / "launch_logs").glob("workerlog.*")))
         raise AssertionError(f"{exc}\n{logs}") from None
-    _check_train_steps(work / TRAIN_LOG, 1)
+    _check_train_steps(work / TRAIN_LOG, 1, ranks=2)
     _check_weights_moved(name, initial, final)
     del initial
 
-    if family.kind == DUAL_ENCODER:
-        from vlretrieval.models.export import export_model
-        from vlretrieval.retrieval.extract import extract_split
-
-        summary = extract_split(final, lmdb, tmp_path / "features", engine="dynamic", max_len=16,
-                                image_batch_size=4, text_batch_size=8, progress=False)
-        assert (summary["num_images"], summary["num_texts"]) == (4, 20)
-        _check_features(name, tmp_path / "features")
-        _check_export(name, export_model(final, tmp_path / "export", max_len=16, threads=2))
-    else:
-        scorer = family.pair_scorer(final, lmdb, regions=regions, batch_size=8, max_len=16)
-        try:
-            scores = scorer.score(0, np.arange(len(scorer.text_ids)))
-        finally:
-            getattr(scorer, "close", lambda: None)()
-        assert scores.shape == (20,) and np.isfinite(scores).all() and np.ptp(scores) > 0
+    scorer = family.pair_scorer(final, lmdb, regions=regions, batch_size=8, max_len=16)
+    try:
+        scores = scorer.score(0, np.arange(len(scorer.text_ids)))
+    finally:
+        getattr(scorer, "close", lambda: None)()
+    assert scores.shape == (20,) and np.isfinite(scores).all() and np.ptp(scores) > 0
 
 
 def _check_weights_moved(name: str, initial: dict[str, Tensor], tuned_dir: Path) -> None:
@@ -298,7 +293,7 @@ def test_random_init_runs_the_demo_pair_at_published_size(name, workflow):
 
     pair = workflow.workdir / "work" / dataset / name
     initial = _check_published_initial_model(name, pair / "models" / "init")
-    _check_train_steps(pair / TRAIN_LOG, 2)
+    _check_train_steps(pair / TRAIN_LOG, 2, ranks=DEMO_PAIR_RANKS.get(name, 2))
     _check_weights_moved(name, initial, pair / "models" / "finetuned")
     del initial
     if BUILTIN_FAMILIES[name].kind == DUAL_ENCODER:

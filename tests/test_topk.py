@@ -41,7 +41,8 @@ def integer_set(rng: np.random.Generator, n: int, dim: int, low: int = -2, high:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("n_queries,n_gallery,dim,k", [(1, 10, 8, 10), (37, 97, 16, 5), (601, 1003, 24, 10)])
+@pytest.mark.parametrize("n_queries,n_gallery,dim,k",
+                         [(1, 10, 8, 10), (37, 97, 16, 5), (601, 1003, 24, 10), (3 * PRODUCT_ROWS + 424, 300, 24, 10)])
 def test_random_matches_brute_force_for_every_chunk_size(seed, n_queries, n_gallery, dim, k):
     rng = np.random.default_rng(seed)
     queries, gallery = random_set(rng, n_queries, dim), random_set(rng, n_gallery, dim, id_offset=7)
@@ -115,7 +116,11 @@ def _assert_both_directions(queries, gallery, k_queries, k_gallery, *, exact_sco
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("n_queries,n_gallery,k_queries,k_gallery", [(601, 97, 10, 10), (40, 300, 7, 40), (300, 20, 20, 1)])
+@pytest.mark.parametrize("n_queries,n_gallery,k_queries,k_gallery", [
+    (601, 97, 10, 10), (40, 300, 7, 40), (300, 20, 20, 1),
+    # A last chunk of 5 queries, fewer than k_gallery; and k_gallery the whole query set.
+    (PRODUCT_ROWS + 5, 40, 10, 10), (PRODUCT_ROWS + 6, 30, 5, PRODUCT_ROWS + 6),
+])
 def test_both_directions_from_one_product_match_brute_force(seed, n_queries, n_gallery, k_queries, k_gallery):
     rng = np.random.default_rng(seed)
     queries, gallery = random_set(rng, n_queries, 16), random_set(rng, n_gallery, 16, id_offset=7)

@@ -28,9 +28,10 @@ from .registry import get_family
 
 
 # py-lmdb refuses to open one environment twice in a process, and a forked child inherits that
-# refusal for every environment its parent had open. So each process holds at most one store per
-# split, shared by all datasets (which never keep a reference between calls), and a process closes
-# its store before it forks DataLoader workers.
+# refusal for every environment its parent had open; lmdb_store's fork hook closes the inherited
+# environments in the child, so a child opens its own. Each process holds at most one store per
+# split, shared by all datasets (which never keep a reference between calls); training datasets
+# also close theirs before DataLoader workers fork.
 _OPEN_STORES: dict[str, tuple[int, SplitStore]] = {}
 
 

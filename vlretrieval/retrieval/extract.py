@@ -167,6 +167,7 @@ def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_siz
         for _ in range(in_flight):
             submit_next()
         yield first
+        del first  # the caller is done with it; keeping it would hold one more batch
         while pending:
             batch = pending.popleft().result()
             yield batch if buffer is None else _from_slot(batch, buffer)

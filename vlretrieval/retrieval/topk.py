@@ -11,7 +11,8 @@ each gallery item's running list of best queries soon sets a floor that most lat
 Why a chunk per thread rather than one multi-threaded product followed by a split selection:
 OpenBLAS's worker threads keep spinning for a while after each product, and the selection that
 followed ran on cores they still held. At the COCO 5K shape that pattern cost about 1.5x one
-bare product; each thread doing its own product and selection cost 1.14-1.37x over seven runs.
+bare product; each thread doing its own product and selection cost 1.14-1.37x over seven runs
+(2026-12-06; ``project_over_bare`` in docs/benchmarks.md has the latest figure).
 
 Order of results
     Descending score; equal scores in ascending gallery position (row order of the gallery
@@ -20,11 +21,11 @@ Order of results
 
 Reproducibility
     BLAS libraries pick kernels by matrix shape, and different kernels round the same dot
-    product differently in the last bit. Every product is therefore computed on a block of
-    exactly :data:`PRODUCT_ROWS` query rows, starting at a multiple of it (the last, shorter block
-    zero-padded to a multiple of ``_TAIL_ROWS``), on one thread, so each score, and with it the
-    ranking, is bit-identical whatever ``chunk_size`` and the number of cores are (for a given
-    BLAS build).
+    product differently in the last bit. Every product is therefore computed, on one thread, on a
+    block of :data:`PRODUCT_ROWS` query rows starting at a multiple of it; the last, shorter block
+    is zero-padded to the next multiple of ``_TAIL_ROWS``, a shape set by the number of queries
+    alone. Each score, and with it the ranking, is so bit-identical whatever ``chunk_size`` and the
+    number of cores are (for a given BLAS build and query set).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ log = logging.getLogger(__name__)
 PRODUCT_ROWS = 1024
 
 # The last block of queries, when shorter, is padded to a multiple of this many rows, not to a full
-# block: at the COCO 5K shape (24 full blocks and 424 rows) a full block would leave one thread
-# with 13 products to the other's 12.
+# block: at the COCO 5K shape (24 full blocks and 424 rows) the thread with 13 products to the
+# other's 12 then computes a 512-row product last instead of a 1,024-row one.
 _TAIL_ROWS = 128
 
 # Query rows a thread scores and ranks per pass (eval.chunk_size); rounded up to a multiple of
@@ -216,7 +217,7 @@ def topk_search_both(
     n_queries, n_gallery = len(queries), len(gallery)
     top_ids = np.empty((n_queries, k_queries), dtype=np.int64)
     top_scores = np.empty((n_queries, k_queries), dtype=np.float32)
-    nothing = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+    no_list = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
     # Per thread: (gallery item, query position, score) of each item's best queries so far,
     # ordered by item and then best first, at most k_gallery per item.
     running: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -225,7 +226,7 @@ def topk_search_both(
         positions, values = select_topk(scores, k_queries)
         top_ids[start:stop] = gallery.ids[positions]
         top_scores[start:stop] = values
-        items, query_pos, item_vals = running.get(thread, nothing)
+        items, query_pos, item_vals = running.get(thread, no_list)
         floor = _kth_per_row(items, item_vals, n_gallery, k_gallery)
         cand_rows, cand_items, cand_vals = _column_candidates(scores, floor, k_gallery)
         items = np.concatenate([items, cand_items])
@@ -237,7 +238,7 @@ def topk_search_both(
     _rank_chunks(queries, gallery, chunk_size, rank_chunk,
                  progress=f"top-{k_queries}/{k_gallery} both ways" if progress else "")
     # Every thread's list is exact for its own chunks, so the best of their union is exact.
-    items, query_pos, item_vals = (np.concatenate(parts) for parts in zip(nothing, *running.values()))
+    items, query_pos, item_vals = (np.concatenate(parts) for parts in zip(no_list, *running.values()))
     take = _best_per_row(items, item_vals, query_pos, n_gallery, k_gallery)
     return ((queries.ids.copy(), top_ids, top_scores),
             (gallery.ids.copy(), queries.ids[query_pos[take]], item_vals[take]))
