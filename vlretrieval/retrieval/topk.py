@@ -76,8 +76,7 @@ RANKING_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity
 
 def _product_rows(rows: int) -> int:
     """Rows of the product that scores ``rows`` query rows: a full block, or for the last, shorter
-    block the next multiple of :data:`_TAIL_ROWS`, so the thread that takes it finishes about when
-    the others do."""
+    block the next multiple of :data:`_TAIL_ROWS`, so that product costs about what its rows need."""
     return min(PRODUCT_ROWS, -(-rows // _TAIL_ROWS) * _TAIL_ROWS)
 
 
