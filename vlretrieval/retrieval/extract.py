@@ -219,6 +219,24 @@ class _Encoders:
     device: str
 
 
+def _batch_tensor_maker(paddle) -> Callable[[np.ndarray], Any]:
+    """A function from a batch's array to the tensor the dynamic graph reads. On the CPU the tensor
+    is the array's own memory (dlpack): the encoder has read it before the batch's slot is reused,
+    and at 64 images of 64 px the copy ``paddle.to_tensor`` makes cost 1-2% of the forward. On a
+    GPU the array is copied to the device."""
+    from paddle.utils.dlpack import from_dlpack
+
+    if paddle.device.get_device() != "cpu":
+        return paddle.to_tensor
+
+    def as_tensor(array: np.ndarray):
+        if array.flags.c_contiguous and array.flags.writeable:
+            return from_dlpack(array.__dlpack__())
+        return paddle.to_tensor(array)
+
+    return as_tensor
+
+
 def _dynamic_encoders(model_dir: str | os.PathLike) -> _Encoders:
     import paddle
 
@@ -231,6 +249,7 @@ def _dynamic_encoders(model_dir: str | os.PathLike) -> _Encoders:
                           "(eval.engine: inference), or from its source model directory")
     family, model, tokenizer, info = load_model_dir(model_dir, kind=DUAL_ENCODER, purpose="feature extraction")
     longest = info.get("max_text_len")
+    as_tensor = _batch_tensor_maker(paddle)
     return _Encoders(
         family=family,
         tokenizer=tokenizer,
@@ -238,9 +257,9 @@ def _dynamic_encoders(model_dir: str | os.PathLike) -> _Encoders:
         # eval_max_len is the family's default clamped to the model's position table (max_text_len).
         default_max_len=int(info.get("eval_max_len") or family.eval_max_len),
         max_text_len=None if longest is None else int(longest),
-        encode_images=lambda b: model.encode_images(paddle.to_tensor(b["pixel_values"])),
-        encode_texts=lambda b: model.encode_texts(paddle.to_tensor(b["input_ids"]),
-                                                  attention_mask=paddle.to_tensor(b["attention_mask"])),
+        encode_images=lambda b: model.encode_images(as_tensor(b["pixel_values"])),
+        encode_texts=lambda b: model.encode_texts(as_tensor(b["input_ids"]),
+                                                  attention_mask=as_tensor(b["attention_mask"])),
         device=str(paddle.device.get_device()),
     )
 
