@@ -117,10 +117,14 @@ def test_batches_prepared_by_workers_give_the_same_features_as_batches_prepared_
     assert multiprocessing.active_children() == []
 
 
-def _numbered_batches(items):
-    return {"ids": np.asarray([item[0] for item in items], dtype=np.int64),
-            "values": np.stack([item[1] for item in items]),
-            "names": [f"item-{item[0]}" for item in items]}
+def _numbered_batches(items, *, empty=np.empty):
+    ids = empty((len(items),), np.int64)
+    ids[:] = [item[0] for item in items]
+    values = empty((len(items), *items[0][1].shape), np.float32)
+    np.stack([item[1] for item in items], out=values)
+    # An array built without ``empty`` (and so outside any slot) takes the pipe.
+    squares = np.asarray([item[0] ** 2 for item in items], dtype=np.int64)
+    return {"ids": ids, "values": values, "squares": squares, "names": [f"item-{item[0]}" for item in items]}
 
 
 @pytest.mark.parametrize("slot_bytes", [0, 4096, 200])
@@ -140,6 +144,7 @@ def test_batches_from_shared_slots_equal_batches_prepared_in_turn(slot_bytes):
     for want, batch in zip(expected, got):
         assert batch["names"] == want["names"]
         assert batch["ids"].tolist() == want["ids"].tolist()
+        assert batch["squares"].tolist() == [item_id ** 2 for item_id in want["ids"].tolist()]
         assert batch["values"].dtype == np.float32 and batch["values"].tobytes() == want["values"].tobytes()
     assert multiprocessing.active_children() == []
 

@@ -151,10 +151,16 @@ class PairDataset(EpochSeededItems, Dataset):
         }
 
 
-def pad_sequences(sequences: Sequence[np.ndarray], pad_value: int) -> np.ndarray:
+# Allocates a collated array: ``np.empty``, or an extraction slot's (memory shared with the
+# process that consumes the batch), called as ``empty(shape, dtype)``.
+ArrayAllocator = Callable[[tuple, Any], np.ndarray]
+
+
+def pad_sequences(sequences: Sequence[np.ndarray], pad_value: int, *, empty: ArrayAllocator = np.empty) -> np.ndarray:
     """Right-pad 1-D int arrays to the longest into one ``int64`` matrix."""
     width = max(len(s) for s in sequences)
-    out = np.full((len(sequences), width), pad_value, dtype=np.int64)
+    out = empty((len(sequences), width), np.int64)
+    out.fill(pad_value)
     for row, seq in enumerate(sequences):
         out[row, : len(seq)] = seq
     return out
@@ -233,22 +239,27 @@ class TextDataset(Dataset):
         }
 
 
-def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    return {
-        "image_ids": np.asarray([item["image_id"] for item in items], dtype=np.int64),
-        "pixel_values": np.stack([item["pixel_values"] for item in items]).astype(np.float32, copy=False),
-    }
+def collate_images(items: Sequence[dict[str, Any]], *, empty: ArrayAllocator = np.empty) -> dict[str, np.ndarray]:
+    pixels = empty((len(items), *np.shape(items[0]["pixel_values"])), np.float32)
+    np.stack([item["pixel_values"] for item in items], out=pixels)
+    return {"image_ids": _int64_column([item["image_id"] for item in items], empty), "pixel_values": pixels}
+
+
+def _int64_column(values: Sequence[int], empty: ArrayAllocator) -> np.ndarray:
+    column = empty((len(values),), np.int64)
+    column[:] = values
+    return column
 
 
 class TextCollator:
     def __init__(self, pad_token_id: int = 0):
         self.pad_token_id = int(pad_token_id)
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    def __call__(self, items: Sequence[dict[str, Any]], *, empty: ArrayAllocator = np.empty) -> dict[str, np.ndarray]:
         return {
-            "text_ids": np.asarray([item["text_id"] for item in items], dtype=np.int64),
-            "input_ids": pad_sequences([item["input_ids"] for item in items], self.pad_token_id),
-            "attention_mask": pad_sequences([item["attention_mask"] for item in items], 0),
+            "text_ids": _int64_column([item["text_id"] for item in items], empty),
+            "input_ids": pad_sequences([item["input_ids"] for item in items], self.pad_token_id, empty=empty),
+            "attention_mask": pad_sequences([item["attention_mask"] for item in items], 0, empty=empty),
         }
 
 

@@ -66,24 +66,39 @@ def _start_preparer(dataset: Any, collate: Callable[[list], dict], ids: list[int
 
 
 def _prepare_batch(start: int, stop: int, slot: int) -> dict:
-    batch = _build_batch(_PREPARER, start, stop)
-    return batch if _SHARED is None else _into_slot(batch, *_SHARED, slot)
+    if _SHARED is None:
+        return _build_batch(_PREPARER, start, stop)
+    buffer, slot_bytes = _SHARED
+    placing = _SlotArrays(buffer, slot * slot_bytes, (slot + 1) * slot_bytes)
+    return placing.described(_build_batch(_PREPARER, start, stop, empty=placing.empty))
 
 
-def _into_slot(batch: dict, buffer, slot_bytes: int, slot: int) -> dict:
-    """Copy the batch's arrays into its slot of the shared buffer, as far as they fit; the parent
-    then reads them in place instead of unpickling them from a pipe (at 64 images of 64 px that
-    transfer cost more than preparing the images)."""
-    offset, end = slot * slot_bytes, (slot + 1) * slot_bytes
-    placed = {}
-    for key, value in batch.items():
-        if isinstance(value, np.ndarray) and not value.dtype.hasobject and offset + value.nbytes <= end:
-            np.ndarray(value.shape, value.dtype, buffer=buffer, offset=offset)[...] = value
-            placed[key] = _SharedArray(offset, value.shape, value.dtype.str)
-            offset += -(-value.nbytes // _ALIGN) * _ALIGN
-        else:
-            placed[key] = value
-    return placed
+class _SlotArrays:
+    """Lays a batch's arrays out one after another in its slot of the shared buffer, as far as they
+    fit: the collate function builds them there, and the parent reads them in place instead of
+    unpickling them from a pipe (at 64 images of 64 px that transfer cost more than preparing the
+    images). Arrays that do not fit, or that the collate function built elsewhere, take the pipe."""
+
+    def __init__(self, buffer, start: int, end: int):
+        self.buffer, self.offset, self.end = buffer, start, end
+        self.placed: dict[int, tuple[np.ndarray, _SharedArray]] = {}
+
+    def empty(self, shape: tuple, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if dtype.hasobject or self.offset + nbytes > self.end:
+            return np.empty(shape, dtype)
+        array = np.ndarray(shape, dtype, buffer=self.buffer, offset=self.offset)
+        self.placed[id(array)] = (array, _SharedArray(self.offset, tuple(array.shape), dtype.str))
+        self.offset += -(-nbytes // _ALIGN) * _ALIGN
+        return array
+
+    def described(self, batch: dict) -> dict:
+        described = {}
+        for key, value in batch.items():
+            array, where = self.placed.get(id(value), (None, None))
+            described[key] = where if array is value else value
+        return described
 
 
 def _from_slot(batch: dict, buffer) -> dict:
@@ -91,7 +106,7 @@ def _from_slot(batch: dict, buffer) -> dict:
             if isinstance(value, _SharedArray) else value for key, value in batch.items()}
 
 
-def _build_batch(preparer: tuple, start: int, stop: int) -> dict:
+def _build_batch(preparer: tuple, start: int, stop: int, *, empty=np.empty) -> dict:
     dataset, collate, ids, id_key, location = preparer
     items = []
     for index in range(start, stop):
@@ -100,13 +115,14 @@ def _build_batch(preparer: tuple, start: int, stop: int) -> dict:
         except Exception as exc:
             raise DataError(location, f"cannot prepare this record for the encoder ({type(exc).__name__}: {exc})",
                             f"{id_key}={ids[index]}") from None
-    return collate(items)
+    return collate(items, empty=empty)
 
 
 def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_size: int, ids: list[int],
                      id_key: str, location: str, workers: int, slot_bytes: int = 0,
                      finished: list | None = None) -> Iterator[dict]:
-    """``collate([dataset[i] for i in batch])`` for consecutive batches of ``batch_size``, in order.
+    """``collate([dataset[i] for i in batch], empty=...)`` for consecutive batches of ``batch_size``, in
+    order. ``collate`` allocates its arrays with ``empty(shape, dtype)`` (``np.empty`` or a slot's).
 
     With ``workers`` > 0 that many forked processes prepare the next batches while the caller
     consumes the current one; preparation is mostly Python (PIL calls, the transform, the
@@ -115,7 +131,8 @@ def prepared_batches(dataset: Any, collate: Callable[[list], dict], *, batch_siz
     workers start. With 0 each batch is prepared here when asked for.
 
     ``slot_bytes`` > 0 gives each batch in flight that many bytes of memory shared with the
-    workers, where they leave the batch's arrays (those that fit; the rest travel through a pipe).
+    workers, where ``collate`` builds the batch's arrays (those that fit; the rest travel through a
+    pipe).
     A batch's arrays are then views of its slot, which a later batch reuses: use them before
     asking for the next batch.
 
