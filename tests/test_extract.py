@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import shutil
 import time
@@ -127,17 +128,23 @@ def _numbered_batches(items, *, empty=np.empty):
     return {"ids": ids, "values": values, "squares": squares, "names": [f"item-{item[0]}" for item in items]}
 
 
-@pytest.mark.parametrize("slot_bytes", [0, 4096, 200])
+@pytest.mark.parametrize("slot_bytes", [0, 4096, 128])
 def test_batches_from_shared_slots_equal_batches_prepared_in_turn(slot_bytes):
     # 23 items in batches of 3 on 2 workers: 8 batches through 4 slots, so every slot is reused.
-    # 4096 bytes hold both arrays of a batch; 200 hold the ids only, so the values take the pipe.
+    # 4096 bytes hold both arrays the collate function allocates; 128 hold the ids only (each array
+    # starts on a 64-byte line), so the values take the pipe, as the squares always do.
     rng = np.random.default_rng(0)
     dataset = [(index, rng.standard_normal((5, 4)).astype(np.float32)) for index in range(23)]
     ids = [item[0] for item in dataset]
     kwargs = dict(batch_size=3, ids=ids, id_key="item", location="memory")
     expected = list(prepared_batches(dataset, _numbered_batches, workers=0, **kwargs))
+    in_slot = {0: set(), 4096: {"ids", "values"}, 128: {"ids"}}[slot_bytes]
     got = []
-    for batch in prepared_batches(dataset, _numbered_batches, workers=2, slot_bytes=slot_bytes, **kwargs):
+    for number, batch in enumerate(prepared_batches(dataset, _numbered_batches, workers=2, slot_bytes=slot_bytes,
+                                                    **kwargs)):
+        if number > 0:  # the first batch is prepared by the consumer itself
+            shared = {key for key, value in batch.items() if isinstance(getattr(value, "base", None), mmap.mmap)}
+            assert shared == in_slot
         time.sleep(0.05)  # a slow consumer: a worker that reused this slot too early would have overwritten it
         got.append({key: value.copy() if isinstance(value, np.ndarray) else value for key, value in batch.items()})
     assert len(got) == len(expected) == 8
@@ -166,3 +173,20 @@ def test_a_record_that_cannot_be_prepared_stops_the_workers_and_is_named(split_a
     assert str(damaged) in str(caught.value) and "cannot prepare" in str(caught.value)
     assert multiprocessing.active_children() == []
     assert not (tmp_path / "f").exists()
+
+
+def test_the_dynamic_graph_reads_batch_arrays_in_place_on_the_cpu_and_copies_the_rest():
+    from vlretrieval.retrieval.extract import _batch_tensor_maker
+
+    as_tensor = _batch_tensor_maker(paddle)
+    batch = np.arange(12, dtype=np.float32).reshape(3, 4)
+    tensor = as_tensor(batch)
+    batch[0, 0] = 42.0  # visible through the tensor: the same memory
+    assert float(tensor[0, 0]) == 42.0 and tensor.numpy().tolist() == batch.tolist()
+    frozen = batch.view()
+    frozen.flags.writeable = False  # dlpack refuses read-only arrays
+    strided = batch[:, ::2]
+    copies = [as_tensor(frozen), as_tensor(strided)]
+    batch[0, 0] = 7.0  # not visible through copies
+    assert [float(copy[0, 0]) for copy in copies] == [42.0, 42.0]
+    assert copies[1].numpy().tolist() == [[42.0, 2.0], [4.0, 6.0], [8.0, 10.0]]
