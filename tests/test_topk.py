@@ -143,9 +143,10 @@ def test_both_directions_with_ties_across_chunks(seed):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_results_do_not_depend_on_the_number_of_ranking_threads(monkeypatch, threads):
-    # Five chunks, spread over the threads in any interleaving.
+    # Six chunks (four full blocks and the last block's two halves), spread over the threads in any
+    # interleaving.
     rng = np.random.default_rng(5)
-    queries, gallery = random_set(rng, 4 * PRODUCT_ROWS + 76, 24), random_set(rng, 300, 24, id_offset=7)
+    queries, gallery = random_set(rng, 4 * PRODUCT_ROWS + 300, 24), random_set(rng, 300, 24, id_offset=7)
     want = brute_force(queries, gallery, 10)
     monkeypatch.setattr(topk, "RANKING_THREADS", 1)
     (_, one_ids, one_scores), (_, one_rev_ids, one_rev_scores) = topk_search_both(
@@ -155,6 +156,24 @@ def test_results_do_not_depend_on_the_number_of_ranking_threads(monkeypatch, thr
     np.testing.assert_array_equal(ids, want[0])
     assert ids.tobytes() == one_ids.tobytes() and scores.tobytes() == one_scores.tobytes()
     assert rev_ids.tobytes() == one_rev_ids.tobytes() and rev_scores.tobytes() == one_rev_scores.tobytes()
+
+
+def test_query_chunks_cover_the_queries_and_split_only_a_long_last_block():
+    coco = topk._query_chunks(25_000, PRODUCT_ROWS)
+    assert coco[:2] == [(0, PRODUCT_ROWS), (PRODUCT_ROWS, 2 * PRODUCT_ROWS)] and len(coco) == 26
+    assert coco[-2:] == [(24 * PRODUCT_ROWS, 24 * PRODUCT_ROWS + 212), (24 * PRODUCT_ROWS + 212, 25_000)]
+    # Larger chunks stop at the last full block; a last block of at most _TAIL_ROWS stays whole.
+    assert topk._query_chunks(3 * PRODUCT_ROWS + 100, 2 * PRODUCT_ROWS) == [
+        (0, 2 * PRODUCT_ROWS), (2 * PRODUCT_ROWS, 3 * PRODUCT_ROWS), (3 * PRODUCT_ROWS, 3 * PRODUCT_ROWS + 100)]
+    assert topk._query_chunks(1000, 4 * PRODUCT_ROWS) == [(0, 500), (500, 1000)]
+    assert topk._query_chunks(2 * PRODUCT_ROWS, PRODUCT_ROWS) == [(0, PRODUCT_ROWS), (PRODUCT_ROWS, 2 * PRODUCT_ROWS)]
+    assert topk._query_chunks(0, PRODUCT_ROWS) == []
+    for n_queries in (1, 128, 129, PRODUCT_ROWS - 1, 5 * PRODUCT_ROWS + 904):
+        for chunk_rows in (PRODUCT_ROWS, 3 * PRODUCT_ROWS):
+            chunks = topk._query_chunks(n_queries, chunk_rows)
+            assert chunks[0][0] == 0 and chunks[-1][1] == n_queries
+            assert all(stop == next_start for (_, stop), (next_start, _) in zip(chunks, chunks[1:]))
+            assert all(start < stop <= start + chunk_rows for start, stop in chunks)
 
 
 def test_a_bad_query_row_is_named_whichever_thread_meets_it(monkeypatch):

@@ -23,8 +23,8 @@ Reproducibility
     BLAS libraries pick kernels by matrix shape, and different kernels round the same dot
     product differently in the last bit. Every product is therefore computed, on one thread, on a
     block of :data:`PRODUCT_ROWS` query rows starting at a multiple of it; the last, shorter block
-    is zero-padded to the next multiple of ``_TAIL_ROWS``, a shape set by the number of queries
-    alone. Each score, and with it the ranking, is so bit-identical whatever ``chunk_size`` and the
+    is ranked as two halves (when longer than ``_TAIL_ROWS``), each zero-padded to the next
+    multiple of ``_TAIL_ROWS``: shapes set by the number of queries alone. Each score, and with it the ranking, is so bit-identical whatever ``chunk_size`` and the
     number of cores are (for a given BLAS build and query set).
 """
 
@@ -56,8 +56,9 @@ log = logging.getLogger(__name__)
 PRODUCT_ROWS = 1024
 
 # The last block of queries, when shorter, is padded to a multiple of this many rows, not to a full
-# block: at the COCO 5K shape (24 full blocks and 424 rows) the thread with 13 products to the
-# other's 12 then computes a 512-row product last instead of a 1,024-row one.
+# block, and split in two halves when longer: at the COCO 5K shape (24 full blocks and 424 rows)
+# each thread then computes 12 full products and one of 256 rows, where one thread computed a
+# 1,024-row product after the other had finished.
 _TAIL_ROWS = 128
 
 # Query rows a thread scores and ranks per pass (eval.chunk_size); rounded up to a multiple of
@@ -78,6 +79,23 @@ def _product_rows(rows: int) -> int:
     """Rows of the product that scores ``rows`` query rows: a full block, or for the last, shorter
     block the next multiple of :data:`_TAIL_ROWS`, so that product costs about what its rows need."""
     return min(PRODUCT_ROWS, -(-rows // _TAIL_ROWS) * _TAIL_ROWS)
+
+
+def _query_chunks(n_queries: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the chunks of query rows, in order: chunks of ``chunk_rows`` over the full
+    :data:`PRODUCT_ROWS` blocks, then the last, shorter block as two halves when it is longer than
+    ``_TAIL_ROWS``, so two threads share it instead of one computing it while the other waits
+    (Flickr30k's 5,000 texts: 4 full blocks and 904 rows, 3 blocks' work on one thread against 2.5 on
+    each). The halves depend on the number of queries alone, so the products' shapes do too."""
+    full = n_queries - n_queries % PRODUCT_ROWS
+    chunks = [(start, min(start + chunk_rows, full)) for start in range(0, full, chunk_rows)]
+    tail = n_queries - full
+    if tail > _TAIL_ROWS:
+        half = full + -(-tail // 2)
+        chunks += [(full, half), (half, n_queries)]
+    elif tail:
+        chunks.append((full, n_queries))
+    return chunks
 
 
 def _check_k(k, n_gallery: int, what: str = "the gallery") -> int:
@@ -112,7 +130,7 @@ def _rank_chunks(queries: FeatureSet, gallery: FeatureSet, chunk_size: int, rank
     n_queries, n_gallery = len(queries), len(gallery)
     chunk_rows = -(-int(chunk_size) // PRODUCT_ROWS) * PRODUCT_ROWS
     chunk_rows = min(chunk_rows, -(-max(n_queries, 1) // PRODUCT_ROWS) * PRODUCT_ROWS)
-    pending = list(range(0, n_queries, chunk_rows))[::-1]
+    pending = _query_chunks(n_queries, chunk_rows)[::-1]
     threads = max(1, min(RANKING_THREADS, len(pending)))
     lock, errors, done = threading.Lock(), [], [0]
     started = time.perf_counter()
@@ -124,8 +142,7 @@ def _rank_chunks(queries: FeatureSet, gallery: FeatureSet, chunk_size: int, rank
             with lock:
                 if not pending or errors:
                     return
-                start = pending.pop()
-            stop = min(start + chunk_rows, n_queries)
+                start, stop = pending.pop()
             try:
                 block = np.asarray(queries.vectors[start:stop])
                 _finite_rows(block, queries.ids, start, "query")
@@ -272,7 +289,7 @@ def _column_candidates(scores: np.ndarray, floor: np.ndarray, k: int) -> tuple[n
         threshold = np.maximum(floor, np.sort(maxima, axis=0)[width - k])
     hit_blocks, hit_cols = np.divmod(np.flatnonzero(maxima >= threshold), n_cols)
     hit_vals = blocks[:, hit_blocks, hit_cols]
-    member, hit = np.nonzero(hit_vals >= threshold[hit_cols])
+    member, hit = np.divmod(np.flatnonzero(hit_vals >= threshold[hit_cols]), hit_cols.size)
     rows, cols, values = hit_blocks[hit] + width * member, hit_cols[hit], hit_vals[member, hit]
     if fold * width < n_rows:
         tail_rows, tail_cols = np.nonzero(scores[fold * width:] >= threshold)
@@ -319,8 +336,9 @@ def select_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     hit_rows, hit_blocks = np.divmod(np.flatnonzero(maxima >= threshold[:, None]), width)
     hit_vals = blocks[hit_rows, :, hit_blocks]
-    # Only the few hit entries that reach the threshold become candidates.
-    hit, member = np.nonzero(hit_vals >= threshold[hit_rows][:, None])
+    # Only the few hit entries that reach the threshold become candidates. (Flat positions and
+    # divmod: 2.5x faster than np.nonzero's two index arrays on this shape.)
+    hit, member = np.divmod(np.flatnonzero(hit_vals >= threshold[hit_rows][:, None]), fold)
     cand_rows, cand_pos, cand_vals = hit_rows[hit], hit_blocks[hit] + width * member, hit_vals[hit, member]
     if fold * width < n_cols:
         tail_rows, tail_cols = np.nonzero(scores[:, fold * width:] >= threshold[:, None])
