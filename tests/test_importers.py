@@ -304,3 +304,40 @@ def test_raw_tsv_missing_file_and_bad_utf8(tmp_path: Path) -> None:
     with read_source("raw_tsv", tmp_path, "test", {}) as source:
         with pytest.raises(DataError, match=r"test_imgs\.tsv:2: not valid UTF-8 \(invalid start byte at byte 2 "):
             list(source.iter_images())
+
+
+def _image_lines_read_as_text(path: Path) -> list[tuple[int, str, str]]:
+    # What the images tsv reader yields, by definition: the file read as UTF-8 text, lines split as
+    # text mode with newline="" splits them, blank lines skipped, fields stripped.
+    fields = []
+    with open(path, "r", encoding="utf-8", newline="") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                image_id, sep, payload = line.partition("\t")
+                fields.append((line_no, image_id.strip(), payload.strip() if sep else ""))
+    return fields
+
+
+def test_images_tsv_lines_read_as_bytes_equal_the_text_read(tmp_path: Path) -> None:
+    from vlretrieval.data.raw import iter_image_lines
+
+    payload = b64(make_image("PNG", (4, 4), 0))
+    content = "".join([
+        f"1\t{payload}\n",
+        f" 2 \t {payload}\x1f\r\n",       # CRLF; str.strip() also strips \x1c-\x1f
+        "\n", "  \t \n", "\x1e\n",        # blank lines, counted but not yielded
+        f"3\t{payload}\r4\t{payload}\n",  # a lone CR ends a line in text mode
+        "\u3000\n",                       # non-ASCII whitespace only: blank
+        f"五\t{payload}\u3000\n",          # a non-ASCII id and trailing non-ASCII space
+        "6\n", "7\t\n",                   # no payload
+        f"8\t{payload.replace('+', '-').rstrip('=')}\r",  # URL-safe, unpadded, CR at the end of the file
+    ])
+    path = tmp_path / "test_imgs.tsv"
+    path.write_bytes(content.encode("utf-8"))
+    got = [(line.line_no, line.image_id,
+            line.payload.decode("ascii") if isinstance(line.payload, bytes) else line.payload)
+           for line in iter_image_lines(path)]
+    want = _image_lines_read_as_text(path)
+    assert got == want
+    assert [line_no for line_no, _, _ in want] == [1, 2, 6, 7, 9, 10, 11, 12]
