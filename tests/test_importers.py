@@ -319,8 +319,14 @@ def _image_lines_read_as_text(path: Path) -> list[tuple[int, str, str]]:
     return fields
 
 
-def test_images_tsv_lines_read_as_bytes_equal_the_text_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read_size", [None, 5, 64])
+def test_images_tsv_lines_read_as_bytes_equal_the_text_read(tmp_path: Path, monkeypatch, read_size) -> None:
+    # Small reads end in the middle of lines, between a CR and its LF, and right after a lone CR.
+    from vlretrieval.data import raw
     from vlretrieval.data.raw import iter_image_lines
+
+    if read_size is not None:
+        monkeypatch.setattr(raw, "_IMAGE_LINES_READ", read_size)
 
     payload = b64(make_image("PNG", (4, 4), 0))
     content = "".join([
@@ -341,3 +347,21 @@ def test_images_tsv_lines_read_as_bytes_equal_the_text_read(tmp_path: Path) -> N
     want = _image_lines_read_as_text(path)
     assert got == want
     assert [line_no for line_no, _, _ in want] == [1, 2, 6, 7, 9, 10, 11, 12]
+
+
+def test_an_images_tsv_with_lines_ended_by_cr_alone_is_read_a_bounded_piece_at_a_time(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from vlretrieval.data.raw import _IMAGE_LINES_READ, iter_image_lines
+
+    payload = "A" * 40_000
+    path = tmp_path / "test_imgs.tsv"
+    path.write_bytes("".join(f"{image_id}\t{payload}\r" for image_id in range(400)).encode("ascii"))  # 16 MB
+    tracemalloc.start()
+    try:
+        count = sum(1 for line in iter_image_lines(path) if line.payload == payload.encode("ascii"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 400
+    assert peak < 8 * _IMAGE_LINES_READ  # a few reads, not the whole 16 MB file (32 MB with its lines)

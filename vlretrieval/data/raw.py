@@ -54,8 +54,9 @@ class RawTextLine:
 
 # ASCII characters that str.strip() removes (bytes.strip() alone keeps \x1c-\x1f).
 _ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
-# An images tsv line is an image's base64, ~100 kB: a large buffer reads one in a few calls.
-_IMAGE_LINES_BUFFER = 1 << 20
+# An images tsv line is an image's base64, ~100 kB: reads of up to this many bytes take one in a
+# few calls, and bound what is read at once where lines end in CR alone (which readline does not see).
+_IMAGE_LINES_READ = 1 << 20
 
 
 def iter_image_lines(path: str | os.PathLike) -> Iterator[RawImageLine]:
@@ -67,20 +68,38 @@ def iter_image_lines(path: str | os.PathLike) -> Iterator[RawImageLine]:
     ``UnicodeDecodeError`` where it is not), so line numbers and fields are those of the text.
     """
     path = str(path)
-    line_no = 0
-    with open(path, "rb", buffering=_IMAGE_LINES_BUFFER) as handle:
-        for read in handle:
-            for line in read.splitlines() if b"\r" in read else (read.rstrip(b"\n"),):
-                line_no += 1
-                if not line.isascii():
-                    text = line.decode("utf-8")
-                    if text.strip():
-                        image_id, sep, payload = text.partition("\t")
-                        yield RawImageLine(path, line_no, image_id.strip(), payload.strip() if sep else "")
-                elif line.strip(_ASCII_SPACE):
-                    image_id, sep, payload = line.partition(b"\t")
-                    yield RawImageLine(path, line_no, image_id.strip(_ASCII_SPACE).decode("ascii"),
-                                       payload.strip(_ASCII_SPACE) if sep else b"")
+    with open(path, "rb", buffering=_IMAGE_LINES_READ) as handle:
+        for line_no, line in enumerate(_text_mode_lines(handle), start=1):
+            if not line.isascii():
+                text = line.decode("utf-8")
+                if text.strip():
+                    image_id, sep, payload = text.partition("\t")
+                    yield RawImageLine(path, line_no, image_id.strip(), payload.strip() if sep else "")
+            elif line.strip(_ASCII_SPACE):
+                image_id, sep, payload = line.partition(b"\t")
+                yield RawImageLine(path, line_no, image_id.strip(_ASCII_SPACE).decode("ascii"),
+                                   payload.strip(_ASCII_SPACE) if sep else b"")
+
+
+def _text_mode_lines(handle: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a binary file, without their ends, split at ``\n``, ``\r`` and ``\r\n`` as text
+    mode with ``newline=""`` splits them, reading at most :data:`_IMAGE_LINES_READ` bytes at once."""
+    unfinished = b""
+    for read in iter(lambda: handle.readline(_IMAGE_LINES_READ), b""):
+        if not unfinished and read.endswith(b"\n") and b"\r" not in read:
+            yield read[:-1]  # the usual case: one whole line
+            continue
+        data = unfinished + read if unfinished else read
+        lines = data.splitlines()
+        if data.endswith(b"\r"):
+            unfinished = lines.pop() + b"\r"  # the CR may be the first half of a CRLF
+        elif data.endswith(b"\n"):
+            unfinished = b""
+        else:
+            unfinished = lines.pop()
+        yield from lines
+    if unfinished:
+        yield from unfinished.splitlines()
 
 
 def iter_text_lines(path: str | os.PathLike) -> Iterator[RawTextLine]:

@@ -19,8 +19,8 @@ _INT_RE = re.compile(r"-?[0-9]+")
 class SourceImage:
     """One image record as found in a source, not yet validated.
 
-    ``image_id`` is the id text exactly as found; ``payload`` is the base64 text (``str`` from
-    text files, ``bytes`` from an LMDB).
+    ``image_id`` is the id text exactly as found; ``payload`` is the base64 text, ``str`` or
+    ``bytes`` (an images tsv's ASCII lines, LMDB values and encoded image files give bytes).
     """
 
     file: str

@@ -13,8 +13,9 @@ from .base import SourceImage, SourceSplit, SourceText, _FileSnapshot, _require_
 
 
 def _utf8_guard(path: Path, records: Iterator[Any]) -> Iterator[Any]:
-    # raw.py decodes whole files as UTF-8; a decode failure is a file-level defect (the
-    # line cannot be read at all), so it is raised under every policy with its line number.
+    # raw.py decodes the files as UTF-8 (the images tsv only where a line is not ASCII); a decode
+    # failure is a file-level defect (the line cannot be read at all), so it is raised under every
+    # policy with its line number.
     try:
         yield from records
     except UnicodeDecodeError as exc:
