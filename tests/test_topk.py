@@ -143,7 +143,7 @@ def test_both_directions_with_ties_across_chunks(seed):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_results_do_not_depend_on_the_number_of_ranking_threads(monkeypatch, threads):
-    # Six chunks (four full blocks and the last block's two halves), spread over the threads in any
+    # Six chunks (four full blocks and the last block's two parts), spread over the threads in any
     # interleaving.
     rng = np.random.default_rng(5)
     queries, gallery = random_set(rng, 4 * PRODUCT_ROWS + 300, 24), random_set(rng, 300, 24, id_offset=7)
@@ -161,19 +161,23 @@ def test_results_do_not_depend_on_the_number_of_ranking_threads(monkeypatch, thr
 def test_query_chunks_cover_the_queries_and_split_only_a_long_last_block():
     coco = topk._query_chunks(25_000, PRODUCT_ROWS)
     assert coco[:2] == [(0, PRODUCT_ROWS), (PRODUCT_ROWS, 2 * PRODUCT_ROWS)] and len(coco) == 26
-    assert coco[-2:] == [(24 * PRODUCT_ROWS, 24 * PRODUCT_ROWS + 212), (24 * PRODUCT_ROWS + 212, 25_000)]
+    assert coco[-2:] == [(24 * PRODUCT_ROWS, 24 * PRODUCT_ROWS + 256), (24 * PRODUCT_ROWS + 256, 25_000)]
     # Larger chunks stop at the last full block; a last block of at most _TAIL_ROWS stays whole.
     assert topk._query_chunks(3 * PRODUCT_ROWS + 100, 2 * PRODUCT_ROWS) == [
         (0, 2 * PRODUCT_ROWS), (2 * PRODUCT_ROWS, 3 * PRODUCT_ROWS), (3 * PRODUCT_ROWS, 3 * PRODUCT_ROWS + 100)]
-    assert topk._query_chunks(1000, 4 * PRODUCT_ROWS) == [(0, 500), (500, 1000)]
+    assert topk._query_chunks(1000, 4 * PRODUCT_ROWS) == [(0, 512), (512, 1000)]
     assert topk._query_chunks(2 * PRODUCT_ROWS, PRODUCT_ROWS) == [(0, PRODUCT_ROWS), (PRODUCT_ROWS, 2 * PRODUCT_ROWS)]
     assert topk._query_chunks(0, PRODUCT_ROWS) == []
-    for n_queries in (1, 128, 129, PRODUCT_ROWS - 1, 5 * PRODUCT_ROWS + 904):
+    for n_queries in (1, 128, 129, 257, PRODUCT_ROWS - 1, 4 * PRODUCT_ROWS + 300, 5 * PRODUCT_ROWS + 904):
         for chunk_rows in (PRODUCT_ROWS, 3 * PRODUCT_ROWS):
             chunks = topk._query_chunks(n_queries, chunk_rows)
             assert chunks[0][0] == 0 and chunks[-1][1] == n_queries
             assert all(stop == next_start for (_, stop), (next_start, _) in zip(chunks, chunks[1:]))
             assert all(start < stop <= start + chunk_rows for start, stop in chunks)
+            # Splitting the last block costs no padding beyond what the whole block would need.
+            tail = n_queries % PRODUCT_ROWS
+            padded = sum(topk._product_rows(stop - start) for start, stop in chunks if stop - start < PRODUCT_ROWS)
+            assert padded == (topk._product_rows(tail) if tail else 0)
 
 
 def test_a_bad_query_row_is_named_whichever_thread_meets_it(monkeypatch):

@@ -21,11 +21,13 @@ Order of results
 
 Reproducibility
     BLAS libraries pick kernels by matrix shape, and different kernels round the same dot
-    product differently in the last bit. Every product is therefore computed, on one thread, on a
-    block of :data:`PRODUCT_ROWS` query rows starting at a multiple of it; the last, shorter block
-    is ranked as two halves (when longer than ``_TAIL_ROWS``), each zero-padded to the next
-    multiple of ``_TAIL_ROWS``: shapes set by the number of queries alone. Each score, and with it the ranking, is so bit-identical whatever ``chunk_size`` and the
-    number of cores are (for a given BLAS build and query set).
+    product differently in the last bit. Every product is therefore computed, on one thread, on
+    rows whose start and count the number of queries alone sets: blocks of :data:`PRODUCT_ROWS`
+    query rows starting at multiples of it, then the last, shorter block whole (up to
+    ``_TAIL_ROWS`` rows) or in two parts split at a multiple of ``_TAIL_ROWS``, each zero-padded
+    to the next multiple of ``_TAIL_ROWS``. Each score, and with it the ranking, is so
+    bit-identical whatever ``chunk_size`` and the number of cores are (for a given BLAS build and
+    query set).
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ log = logging.getLogger(__name__)
 PRODUCT_ROWS = 1024
 
 # The last block of queries, when shorter, is padded to a multiple of this many rows, not to a full
-# block, and split in two halves when longer: at the COCO 5K shape (24 full blocks and 424 rows)
-# each thread then computes 12 full products and one of 256 rows, where one thread computed a
-# 1,024-row product after the other had finished.
+# block, and when longer split in two parts at a multiple of it, so two threads can share it at no
+# extra padding: at the COCO 5K shape (24 full blocks and 424 rows) each thread can then compute
+# 12 full products and one of 256 rows, where one thread computed a 512-row product (1,024 before
+# the padding) after the other had finished.
 _TAIL_ROWS = 128
 
 # Query rows a thread scores and ranks per pass (eval.chunk_size); rounded up to a multiple of
@@ -76,23 +79,26 @@ RANKING_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity
 
 
 def _product_rows(rows: int) -> int:
-    """Rows of the product that scores ``rows`` query rows: a full block, or for the last, shorter
-    block the next multiple of :data:`_TAIL_ROWS`, so that product costs about what its rows need."""
+    """Rows of the product that scores ``rows`` query rows: a full block, or for a part of the last,
+    shorter block the next multiple of :data:`_TAIL_ROWS`, so that product costs about what its
+    rows need."""
     return min(PRODUCT_ROWS, -(-rows // _TAIL_ROWS) * _TAIL_ROWS)
 
 
 def _query_chunks(n_queries: int, chunk_rows: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of the chunks of query rows, in order: chunks of ``chunk_rows`` over the full
-    :data:`PRODUCT_ROWS` blocks, then the last, shorter block as two halves when it is longer than
+    :data:`PRODUCT_ROWS` blocks, then the last, shorter block in two parts when it is longer than
     ``_TAIL_ROWS``, so two threads share it instead of one computing it while the other waits
     (Flickr30k's 5,000 texts: 4 full blocks and 904 rows, 3 blocks' work on one thread against 2.5 on
-    each). The halves depend on the number of queries alone, so the products' shapes do too."""
+    each). The split is at the multiple of ``_TAIL_ROWS`` nearest above the middle, so the parts
+    together need no more padding than the whole block, and it depends on the number of queries
+    alone, as the products' shapes must."""
     full = n_queries - n_queries % PRODUCT_ROWS
     chunks = [(start, min(start + chunk_rows, full)) for start in range(0, full, chunk_rows)]
     tail = n_queries - full
     if tail > _TAIL_ROWS:
-        half = full + -(-tail // 2)
-        chunks += [(full, half), (half, n_queries)]
+        split = full + -(-tail // (2 * _TAIL_ROWS)) * _TAIL_ROWS
+        chunks += [(full, split), (split, n_queries)]
     elif tail:
         chunks.append((full, n_queries))
     return chunks
